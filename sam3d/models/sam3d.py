@@ -1,0 +1,311 @@
+"""Sam3D: encode a crop once, prompt it with clicks many times; presets and checkpoints.
+
+``build_sam3d("vit_b", sam_checkpoint="sam_vit_b_01ec64.pth")`` builds the 3DSAM-adapter
+model from an official SAM checkpoint; ``build_sam3d("tiny")`` is the same classes with
+small numbers for tests. Presets are JSON files in ``configs/model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sam3d.errors import Sam3DError
+from sam3d.models.decoder3d import MLADecoder3D
+from sam3d.models.encoder3d import ImageEncoder3D
+from sam3d.models.prompt3d import PromptEncoder3D
+
+logger = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+# Every key a preset may set, with the vit_b value as default.
+PRESET_DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "embed_dim": 768,
+    "depth": 12,
+    "num_heads": 12,
+    "global_attn_indexes": [2, 5, 8, 11],
+    "sam_window_size": 14,
+    "sam_img_size": 1024,
+    "patch_size": 16,
+    "upsample": 4,
+    "crop_size": 128,
+    "window_size": 8,
+    "shift_size": 4,
+    "adapter_dim": 384,
+    "neck_blocks": [3, 6, 9, 12],
+    "neck_dim": 256,
+    "prompt_depth": 2,
+    "prompt_heads": 8,
+    "prompt_mlp_dim": 2048,
+    "num_global_queries": 10,
+    "decoder_dim": 128,
+    "num_classes": 2,
+    "use_checkpoint": False,
+    "freeze_sam": True,
+}
+
+
+@dataclass
+class Sam3DFeatures:
+    """What :meth:`Sam3D.encode` keeps for prompting: keep it, prompt it again and again.
+
+    Attributes:
+        maps: neck maps ``B x neck_dim x h x w x d`` after the neck blocks (the last one is
+            the one the clicks prompt).
+        image_small: the crop downsampled x2, ``B x 1 x H/2 x W/2 x D/2``.
+        image_shape: the crop's ``(H, W, D)`` in voxels.
+    """
+
+    maps: list[torch.Tensor]
+    image_small: torch.Tensor
+    image_shape: tuple[int, int, int]
+
+    def to(self, *args, **kwargs) -> Sam3DFeatures:
+        return Sam3DFeatures(
+            [m.to(*args, **kwargs) for m in self.maps],
+            self.image_small.to(*args, **kwargs),
+            self.image_shape,
+        )
+
+    def select(self, index: int | slice | torch.Tensor) -> Sam3DFeatures:
+        """Features of some batch items (e.g. ``features.select(slice(0, 1))``)."""
+        return Sam3DFeatures(
+            [m[index] for m in self.maps], self.image_small[index], self.image_shape
+        )
+
+
+class Sam3D(nn.Module):
+    """Promptable 3D segmentation: 3D SAM encoder, visual-sampler prompts, MLA decoder.
+
+    Inputs are crops ``B x 1 x H x W x D`` (sides multiples of 4; the model is built for
+    ``crop_size``), already windowed and z-scored; clicks are voxel coordinates (i, j, k) in
+    the crop. Outputs are 2-class logits ``B x 2 x H x W x D`` (background, tumour).
+    """
+
+    def __init__(
+        self,
+        encoder: ImageEncoder3D,
+        prompt_encoder: PromptEncoder3D,
+        decoder: MLADecoder3D,
+        crop_size: int,
+        preset: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.prompt_encoder = prompt_encoder
+        self.decoder = decoder
+        self.crop_size = int(crop_size)
+        self.preset = dict(preset or {})
+        self.load_report = None
+
+    @property
+    def voxels_per_token(self) -> int:
+        return self.encoder.voxels_per_token
+
+    def encode(self, images: torch.Tensor) -> Sam3DFeatures:
+        """``B x 1 x H x W x D`` crops -> :class:`Sam3DFeatures` (runs the ViT once)."""
+        if images.ndim != 5 or images.shape[1] != 1:
+            raise ValueError(f"images must be B x 1 x H x W x D, got {tuple(images.shape)}")
+        shape = tuple(int(s) for s in images.shape[2:])
+        vpt = self.voxels_per_token
+        if any(s % vpt for s in shape):
+            raise ValueError(f"crop sides {shape} must be multiples of {vpt} voxels")
+        maps = self.encoder(images)
+        small = F.interpolate(
+            images, size=tuple(s // 2 for s in shape), mode="trilinear", align_corners=False
+        )
+        return Sam3DFeatures(maps, small, shape)
+
+    def decode(
+        self,
+        features: Sam3DFeatures,
+        points: torch.Tensor,
+        point_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prompt kept features with clicks.
+
+        Args:
+            features: from :meth:`encode`.
+            points: ``B x N x 3`` float voxel coordinates (i, j, k) in the crop.
+            point_labels: ``B x N`` long: 1 positive, 0 negative, -1 padding. None: all 1.
+
+        Returns:
+            logits ``B x num_classes x H x W x D``.
+        """
+        if point_labels is None:
+            point_labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
+        *levels, last = features.maps
+        prompted = self.prompt_encoder(last, points, point_labels, features.image_shape)
+        return self.decoder([*levels, prompted], features.image_small, features.image_shape)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        points: torch.Tensor,
+        point_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``decode(encode(images), points, point_labels)``: logits ``B x classes x H x W x D``."""
+        return self.decode(self.encode(images), points, point_labels)
+
+    def set_reference(self, enabled: bool = True) -> Sam3D:
+        """Switch to the anchor's slow formulation (512^3 upsample, explicit attention)."""
+        self.encoder.set_reference(enabled)
+        return self
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"total": n, "trainable": n}`` parameter counts."""
+    params = list(model.parameters())
+    return {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def available_presets() -> list[str]:
+    """Names of the presets in ``configs/model/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def resolve_preset(preset: str | os.PathLike | dict[str, Any], **overrides) -> dict[str, Any]:
+    """A full preset dict from a name, a JSON path or a dict, with overrides applied."""
+    if isinstance(preset, dict):
+        cfg = dict(preset)
+    else:
+        path = Path(preset)
+        if path.suffix != ".json":
+            path = PRESET_DIR / f"{preset}.json"
+        if not path.is_file():
+            raise Sam3DError(
+                f"unknown model preset {preset!r}; available: {', '.join(available_presets())}"
+            )
+        cfg = json.loads(path.read_text())
+    cfg.update(overrides)
+    unknown = sorted(set(cfg) - set(PRESET_DEFAULTS))
+    if unknown:
+        raise Sam3DError(f"unknown model option(s) {', '.join(unknown)}")
+    return {**PRESET_DEFAULTS, **cfg}
+
+
+def build_sam3d(
+    preset: str | dict[str, Any] = "vit_b",
+    sam_checkpoint: str | os.PathLike | None = None,
+    **overrides,
+) -> Sam3D:
+    """Build a :class:`Sam3D` from a preset, optionally mapping an official SAM checkpoint.
+
+    Args:
+        preset: ``"vit_b"``, ``"vit_l"``, ``"vit_h"``, ``"tiny"``, a JSON path or a dict.
+        sam_checkpoint: a segment_anything checkpoint (``sam_vit_b_01ec64.pth`` format) whose
+            image-encoder weights are mapped into the 3D encoder; None: random init.
+        overrides: preset keys to change (e.g. ``use_checkpoint=True``).
+
+    The mapping's :class:`~sam3d.checkpoint.LoadReport` is kept as ``model.load_report``.
+    """
+    cfg = resolve_preset(preset, **overrides)
+    encoder = ImageEncoder3D(
+        embed_dim=cfg["embed_dim"],
+        depth=cfg["depth"],
+        num_heads=cfg["num_heads"],
+        global_attn_indexes=cfg["global_attn_indexes"],
+        sam_window_size=cfg["sam_window_size"],
+        sam_img_size=cfg["sam_img_size"],
+        patch_size=cfg["patch_size"],
+        upsample=cfg["upsample"],
+        crop_size=cfg["crop_size"],
+        window_size=cfg["window_size"],
+        shift_size=cfg["shift_size"],
+        adapter_dim=cfg["adapter_dim"],
+        neck_blocks=cfg["neck_blocks"],
+        neck_dim=cfg["neck_dim"],
+        use_checkpoint=cfg["use_checkpoint"],
+        freeze_sam=cfg["freeze_sam"],
+    )
+    prompt_encoder = PromptEncoder3D(
+        dim=cfg["neck_dim"],
+        depth=cfg["prompt_depth"],
+        num_heads=cfg["prompt_heads"],
+        mlp_dim=cfg["prompt_mlp_dim"],
+        num_queries=cfg["num_global_queries"],
+    )
+    decoder = MLADecoder3D(
+        in_dim=cfg["neck_dim"],
+        dim=cfg["decoder_dim"],
+        num_classes=cfg["num_classes"],
+        num_levels=len(cfg["neck_blocks"]),
+    )
+    model = Sam3D(encoder, prompt_encoder, decoder, cfg["crop_size"], preset=cfg)
+    if sam_checkpoint is not None:
+        from sam3d.checkpoint import load_sam_state_dict, map_sam_to_sam3d
+
+        report = map_sam_to_sam3d(load_sam_state_dict(sam_checkpoint), model)
+        logger.info("SAM weights from %s: %s", sam_checkpoint, report.summary())
+        model.load_report = report
+    return model
+
+
+def save_sam3d_checkpoint(
+    model: Sam3D, path: str | os.PathLike, meta: dict[str, Any] | None = None, **extra: Any
+) -> Path:
+    """Write ``{"preset", "state_dict", "meta", **extra}`` atomically; returns the path.
+
+    ``extra`` holds further plain-data top-level entries (e.g. ``dataset=<preset dict>``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"preset": dict(model.preset), "state_dict": model.state_dict(), "meta": dict(meta or {})}
+    obj.update(extra)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_sam3d_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Sam3D, dict[str, Any]]:
+    """Rebuild a trained :class:`Sam3D` from ``{"preset", "state_dict", ...}``.
+
+    Returns the model (eval mode) and its metadata: the ``meta`` dict merged with every
+    other top-level entry (e.g. ``dataset``). Raises :class:`Sam3DError` for a missing,
+    unreadable or foreign file, or weights that do not fit the stored preset.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise Sam3DError(f"Sam3D checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, foreign, or pickled code
+        raise Sam3DError(
+            f"{p} is not a readable Sam3D checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if not isinstance(obj, dict) or "state_dict" not in obj or "preset" not in obj:
+        raise Sam3DError(
+            f"{p} is not a Sam3D checkpoint (expected the keys 'preset' and 'state_dict'; "
+            "a SAM checkpoint goes to build_sam3d(sam_checkpoint=...))"
+        )
+    preset = obj["preset"]
+    model = build_sam3d(preset)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise Sam3DError(f"{p}: weights do not fit preset {model.preset.get('name')!r}: {e}") from e
+    meta = {k: v for k, v in obj.items() if k not in ("preset", "state_dict", "meta")}
+    meta.update(obj.get("meta") or {})
+    return model.to(map_location).eval(), meta
