@@ -98,6 +98,22 @@ def points_to_grid(points_vox: torch.Tensor, image_shape: tuple[int, int, int]) 
     return norm.flip(-1)[:, None, None]
 
 
+def sample_point_tokens(
+    image_embedding: torch.Tensor, points_vox: torch.Tensor, image_shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """Trilinearly sample ``B x C x h x w x d`` at voxel clicks ``B x N x 3`` -> ``B x N x C``.
+
+    Sampling runs in float32 at least (grid_sample wants one dtype; clicks need precision).
+    """
+    b, c = image_embedding.shape[:2]
+    if points_vox.shape[1] == 0:
+        return image_embedding.new_zeros(b, 0, c)
+    dtype = torch.promote_types(image_embedding.dtype, torch.float32)
+    grid = points_to_grid(points_vox.to(dtype), image_shape)
+    sampled = F.grid_sample(image_embedding.to(dtype), grid, mode="bilinear", align_corners=False)
+    return sampled.flatten(2).transpose(1, 2).to(image_embedding.dtype)  # 5D bilinear: trilinear
+
+
 class PromptEncoder3D(nn.Module):
     """Condition an image embedding ``B x C x h x w x d`` on labelled clicks.
 
@@ -150,14 +166,7 @@ class PromptEncoder3D(nn.Module):
                 f"point_labels {tuple(point_labels.shape)} must be B x N = "
                 f"{tuple(points_vox.shape[:2])}"
             )
-        if points_vox.shape[1]:
-            grid = points_to_grid(points_vox.to(torch.float32), image_shape)
-            sampled = F.grid_sample(
-                image_embedding.float(), grid, mode="bilinear", align_corners=False
-            )  # B x C x 1 x 1 x N; 5D "bilinear" is trilinear
-            clicks = sampled.flatten(2).transpose(1, 2).to(image_embedding.dtype)
-        else:
-            clicks = image_embedding.new_zeros(b, 0, c)
+        clicks = sample_point_tokens(image_embedding, points_vox, image_shape)
         valid = point_labels != PAD_LABEL
         clicks = clicks + self.label_embed(point_labels.clamp(min=0).long()).to(clicks.dtype)
         image = image_embedding.flatten(2).transpose(1, 2)
