@@ -51,3 +51,39 @@ def vit_b_sam_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
     torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_sam3d_checkpoint(tmp_path_factory) -> str:
+    """A tiny Sam3D trained for a few steps on one phantom, in the trained-checkpoint format.
+
+    ``{"preset", "state_dict", "meta", "dataset"}`` as the kits bundle writes it, so
+    ``load_sam3d_checkpoint`` and ``sam3d segment --checkpoint`` can rebuild it.
+    """
+    from sam3d.data.phantoms import make_ct_phantom
+    from sam3d.data.pipelines import load_dataset_preset
+    from sam3d.models import build_sam3d, save_sam3d_checkpoint
+
+    torch.manual_seed(0)
+    dataset = load_dataset_preset("kits")
+    ph = make_ct_phantom(3, shape_vox=(48, 48, 40), spacing_mm=(1.0, 1.0, 1.0), n_lesions=1)
+    lo, hi = dataset["window_hu"]
+    image = (torch.as_tensor(ph.image_hu).clamp(lo, hi) - dataset["mean"]) / dataset["std"]
+    target = torch.as_tensor(ph.label == dataset["tumour_label"]).long()
+    centre = torch.nonzero(target).float().mean(0).round().long()
+    model = build_sam3d("tiny")
+    r = model.crop_size
+    start = [int(min(max(c - r // 2, 0), s - r)) for c, s in zip(centre.tolist(), image.shape)]
+    crop = tuple(slice(s, s + r) for s in start)
+    x, y = image[crop][None, None], target[crop][None]
+    click = (centre - torch.tensor(start)).float()[None, None]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x, click, torch.ones(1, 1).long()), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("sam3d") / "model.pt"
+    save_sam3d_checkpoint(model.eval(), path, meta={"steps": 2}, dataset=dataset)
+    return str(path)

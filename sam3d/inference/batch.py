@@ -1,0 +1,143 @@
+"""Batch mode: segment a folder or a datalist of volumes, sharded across ranks, resumable.
+
+Under ``torchrun`` every rank takes the cases ``i`` with ``i % WORLD_SIZE == RANK``
+(on ``cuda:LOCAL_RANK``). A case whose output already exists is skipped: outputs are
+written atomically, so an existing file is complete and an interrupted batch resumes
+where it stopped. Cases with ``points``/``point_labels`` (VISTA3D style, original
+voxel indices) are segmented from those clicks, the others in automatic mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sam3d.errors import Sam3DError
+from sam3d.inference.session import ClickSession
+from sam3d.inference.windows import WindowGrowth
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DATALIST_KEYS = ("test", "testing", "validation", "training")
+
+
+def list_cases(source: str | os.PathLike, key: str | None = None) -> list[dict[str, Any]]:
+    """Cases ``{"image": path, ["points", "point_labels"]}`` from a folder or a datalist JSON.
+
+    A folder gives its ``*.nii.gz`` / ``*.nii`` files, sorted. A JSON file is a list of
+    cases or an MSD-style dict (``key``, else the first of test/testing/validation/
+    training); entries are paths or dicts, relative to the JSON file's folder.
+    """
+    src = Path(source)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise Sam3DError(f"no .nii or .nii.gz images in {src}")
+        return [{"image": str(p)} for p in files]
+    if not src.is_file():
+        raise Sam3DError(f"batch input not found: {src}")
+    try:
+        obj = json.loads(src.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Sam3DError(f"{src} is not a readable JSON datalist ({e})") from e
+    if isinstance(obj, Mapping):
+        keys = [key] if key else [k for k in DATALIST_KEYS if k in obj]
+        if not keys or keys[0] not in obj:
+            raise Sam3DError(f"{src} has no {key or ' / '.join(DATALIST_KEYS)} list")
+        obj = obj[keys[0]]
+    if not isinstance(obj, list):
+        raise Sam3DError(f"{src} does not hold a list of cases")
+    cases = []
+    for entry in obj:
+        case = dict(entry) if isinstance(entry, Mapping) else {"image": entry}
+        if "image" not in case:
+            raise Sam3DError(f"a case in {src} has no 'image'")
+        image = Path(str(case["image"]))
+        case["image"] = str(image if image.is_absolute() else src.parent / image)
+        cases.append(case)
+    return cases
+
+
+def output_path(case: Mapping[str, Any], out_dir: str | os.PathLike, postfix: str = "seg") -> Path:
+    """``out_dir/<image name without .nii[.gz]>_<postfix>.nii.gz`` (SaveImaged's naming)."""
+    name = Path(str(case["image"])).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Path(out_dir) / f"{name}_{postfix}.nii.gz"
+
+
+def shard(cases: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """The cases of one rank: every ``world_size``-th, starting at ``rank``."""
+    return [c for i, c in enumerate(cases) if i % world_size == rank]
+
+
+def dist_rank() -> tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` from torchrun's environment (0, 1, 0 without it)."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+@dataclass
+class BatchReport:
+    """What one rank did: outputs written, skipped (already there), failed (with messages)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def segment_batch(
+    model: Any,
+    dataset: Mapping[str, Any] | str,
+    cases: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    growth: WindowGrowth | None = None,
+    world: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    previews: bool = False,
+) -> BatchReport:
+    """Segment this rank's share of ``cases`` into ``out_dir``, skipping finished outputs.
+
+    A case that fails with a :class:`Sam3DError` (corrupt image, click outside it) is
+    recorded in the report and the batch goes on.
+    """
+    env_rank, env_world, local_rank = dist_rank()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    report = BatchReport()
+    mine = shard(list(cases), rank, world_size)
+    bar = tqdm(mine, desc=f"segment [rank {rank}/{world_size}]", disable=not progress)
+    for case in bar:
+        out = output_path(case, out_dir)
+        if out.exists():
+            report.skipped.append(out)
+            continue
+        try:
+            session = ClickSession(model, case["image"], dataset, device=device, growth=growth)
+            points = case.get("points")
+            if points is not None and len(points) > 0:
+                labels = case.get("point_labels", [1] * len(points))
+                session.add_clicks(points, labels, world=world)
+            else:
+                session.segment_all()
+            session.save(out)
+            if previews:
+                session.save_preview(out.with_name(out.name.replace(".nii.gz", ".png")))
+            report.written.append(out)
+        except Sam3DError as e:
+            report.failed.append((str(case["image"]), str(e)))
+        bar.set_postfix(done=len(report.written), skipped=len(report.skipped))
+    return report

@@ -1,0 +1,107 @@
+"""MONAI pieces of the inference bundle (``bundles/kits/inference.json``).
+
+The bundle reads VISTA3D-style prompts from the data dict (``points``: original voxel
+indices ``N x 3``, ``point_labels``: 1 foreground, 0 background), maps them onto the
+grid with :class:`~sam3d.inference.grid.ClicksToGridd`, and hands them to
+:class:`ClickInferer` through ``PrepareBatchExtraInput``. Cases without prompts are
+segmented automatically (sliding windows).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
+
+from sam3d.inference.auto import sliding_window_probability
+from sam3d.inference.windows import WindowGrowth, WindowPredictor, roi_tuple, select_seed_windows
+
+
+def make_datalist(
+    input_dict: Mapping[str, Any] | None = None,
+    datalist: str | os.PathLike | None = None,
+    key: str | None = None,
+) -> list[dict[str, Any]]:
+    """The cases of a run: one ``input_dict`` or the cases of a datalist file / folder."""
+    from sam3d.inference.batch import list_cases
+
+    if datalist:
+        return list_cases(datalist, key=key)
+    if input_dict:
+        return [dict(input_dict)]
+    raise ValueError("give input_dict (one case) or datalist (a JSON file or a folder)")
+
+
+class ClickInferer(Inferer):
+    """``inputs B x 1 x H x W x D`` + grid clicks -> tumour probability ``B x 1 x H x W x D``.
+
+    With valid clicks: the window around them, grown while the lesion touches its
+    border (:class:`~sam3d.inference.windows.WindowPredictor`). Without: sliding-window
+    inference over the whole volume.
+
+    Args:
+        roi_size: window size; default the network's ``crop_size``.
+        growth: :class:`WindowGrowth` or its fields as a dict.
+        overlap: sliding-window overlap of the automatic mode.
+        sw_batch_size: windows per forward pass in the automatic mode.
+        amp: bfloat16 autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        roi_size: int | Sequence[int] | None = None,
+        growth: WindowGrowth | Mapping[str, Any] | None = None,
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        amp: bool = True,
+    ) -> None:
+        super().__init__()
+        self.roi_size = roi_size
+        self.growth = WindowGrowth(**growth) if isinstance(growth, Mapping) else growth
+        self.overlap, self.sw_batch_size, self.amp = overlap, sw_batch_size, amp
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Any,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        roi = roi_tuple(self.roi_size or network.crop_size)
+        outs = []
+        for b in range(inputs.shape[0]):
+            volume = torch.as_tensor(inputs[b])
+            pts = torch.zeros(0, 3) if points is None else torch.as_tensor(points[b]).float().cpu()
+            labels = (
+                torch.ones(len(pts), dtype=torch.long)
+                if point_labels is None
+                else torch.as_tensor(point_labels[b]).long().cpu()
+            )
+            if bool((labels >= 0).any()):
+                predictor = WindowPredictor(network, volume, roi, growth=self.growth, amp=self.amp)
+                seeds = select_seed_windows(
+                    pts[labels == 1], roi, predictor.shape, centre_on_all=True
+                )
+                prob = predictor.predict(pts, labels, seeds)
+            else:
+                prob = sliding_window_probability(
+                    network,
+                    volume,
+                    roi,
+                    overlap=self.overlap,
+                    sw_batch_size=self.sw_batch_size,
+                    sw_device=volume.device,
+                    device=volume.device,
+                    amp=self.amp,
+                )
+            outs.append(prob[None])
+        out = torch.stack(outs)
+        if isinstance(inputs, MetaTensor):  # keep the transform trace for Invertd
+            out = convert_to_dst_type(out, inputs, device=out.device)[0]
+        return out

@@ -1,0 +1,284 @@
+"""Interactive click segmentation of one volume: open once, click many times.
+
+>>> session = ClickSession(model, "case.nii.gz", dataset="kits")
+>>> mask = session.click((120, 88, 40))                  # positive click, original voxels
+>>> mask = session.click((131, 90, 42), positive=False)  # a negative click removes a region
+>>> session.undo()
+>>> session.save("case_seg.nii.gz")
+
+The image is preprocessed once (RAS, 1 mm, window, z-score); encoder features are
+cached per window, so every click after the first runs only the prompt encoder and
+the decoder. Masks come back on the original voxel grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from sam3d.errors import Sam3DError
+from sam3d.inference.grid import (
+    LoadVolumed,
+    check_points_inside,
+    invert_to_original,
+    original_to_grid,
+    preprocessing,
+    save_mask,
+    world_to_original,
+)
+from sam3d.inference.windows import Origin, WindowGrowth, WindowPredictor, select_seed_windows
+
+
+def resolve_dataset(dataset: Mapping[str, Any] | str) -> dict[str, Any]:
+    """A dataset preset as a dict (a name such as ``"kits"``, a JSON path, or a dict)."""
+    from sam3d.data.pipelines import load_dataset_preset
+
+    return load_dataset_preset(dict(dataset) if isinstance(dataset, Mapping) else dataset)
+
+
+def load_model_for_inference(
+    checkpoint: str | os.PathLike, device: str | torch.device | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained Sam3D checkpoint -> (model in eval mode on ``device``, meta with ``dataset``)."""
+    from sam3d.models import load_sam3d_checkpoint
+
+    if not Path(checkpoint).is_file():
+        raise Sam3DError(f"checkpoint not found: {checkpoint}")
+    model, meta = load_sam3d_checkpoint(checkpoint)
+    return model.to(default_device(device)).eval(), dict(meta)
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class _State:
+    points_vox: list[tuple[float, float, float]]
+    labels: list[int]
+    seeds: list[Origin]
+
+
+class ClickSession:
+    """Click segmentation of one image with cached encoder features.
+
+    Args:
+        model: a Sam3D (``encode``/``decode``, ``crop_size``), or any model with that interface.
+        image: a NIfTI path or a channel-first MetaTensor ``1 x I x J x K``.
+        dataset: dataset preset (dict or name such as ``"kits"``): window, mean, std.
+        device: where preprocessing and the model run (default: CUDA if available).
+        spacing_mm: the grid spacing; default the preset's (training's, 1 mm).
+        growth: window growth settings (:class:`WindowGrowth`); ``WindowGrowth(enabled=False)``
+            keeps the reference's single window.
+        roi: window size in grid voxels; default ``model.crop_size``.
+        amp: bfloat16 autocast on CUDA.
+        threshold: probability above which a voxel is tumour.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        image: str | os.PathLike | MetaTensor,
+        dataset: Mapping[str, Any] | str,
+        device: str | torch.device | None = None,
+        spacing_mm: float | None = None,
+        growth: WindowGrowth | None = None,
+        roi: int | Sequence[int] | None = None,
+        amp: bool = True,
+        threshold: float = 0.5,
+    ) -> None:
+        self.device = default_device(device)
+        self.dataset = resolve_dataset(dataset)
+        self.model = model
+        self.threshold = threshold
+        self.source = image if isinstance(image, (str, os.PathLike)) else None
+        loaded = LoadVolumed("image")({"image": image})
+        original = loaded["image"]
+        self.original_image = original  # 1 x I x J x K, HU, the file's orientation
+        self.original_affine = np.asarray(original.meta["original_affine"], dtype=np.float64)
+        self.original_shape = tuple(int(s) for s in original.shape[1:])
+        self.transform = preprocessing(self.dataset, spacing_mm=spacing_mm, device=self.device)
+        self.grid_image: MetaTensor = self.transform(loaded)["image"]
+        roi = roi if roi is not None else model.crop_size
+        self.predictor = WindowPredictor(
+            model, self.grid_image.as_tensor(), roi, growth=growth, amp=amp
+        )
+        self._history: list[_State] = []
+        self._state = _State([], [], [])
+        self.prob_grid: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self._windows: list[Origin] = []
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def encode_calls(self) -> int:
+        """How many times the encoder has run in this session."""
+        return self.predictor.encode_calls
+
+    @property
+    def points_vox(self) -> list[tuple[float, float, float]]:
+        """The clicks so far, as original voxel coordinates."""
+        return list(self._state.points_vox)
+
+    @property
+    def point_labels(self) -> list[int]:
+        return list(self._state.labels)
+
+    @property
+    def windows(self) -> list[Origin]:
+        """Origins (grid voxels) of the windows decoded for the current mask."""
+        return list(self._windows)
+
+    # -- clicks -------------------------------------------------------------------
+
+    def click(
+        self, point: Sequence[float], positive: bool = True, world: bool = False
+    ) -> torch.Tensor:
+        """Add one click and return the updated mask (bool ``I x J x K``, original grid).
+
+        ``point`` is an original voxel index (i, j, k), or RAS millimetres with ``world``.
+        """
+        return self.add_clicks([point], [1 if positive else 0], world=world)
+
+    def add_clicks(
+        self,
+        points: Sequence[Sequence[float]],
+        labels: Sequence[int],
+        world: bool = False,
+    ) -> torch.Tensor:
+        """Add several clicks at once (1 positive, 0 negative); return the updated mask."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        labels = [int(v) for v in labels]
+        if len(labels) != len(pts):
+            raise Sam3DError(f"{len(pts)} clicks but {len(labels)} labels")
+        if any(v not in (0, 1) for v in labels):
+            raise Sam3DError("click labels must be 1 (positive) or 0 (negative)")
+        check_points_inside(pts, self.original_affine, self.original_shape, world=world)
+        vox = world_to_original(pts, self.original_affine) if world else pts
+        first = not self._state.points_vox
+        new = _State(
+            self._state.points_vox + [tuple(float(c) for c in p) for p in vox],
+            self._state.labels + labels,
+            list(self._state.seeds),
+        )
+        grid = self._grid_points(new.points_vox)
+        pos = torch.as_tensor(grid[np.asarray(new.labels) == 1], dtype=torch.float32)
+        new.seeds = select_seed_windows(
+            pos, self.predictor.roi, self.predictor.shape, new.seeds, centre_on_all=first
+        )
+        self._history.append(self._state)
+        self._state = new
+        return self._update()
+
+    def undo(self) -> torch.Tensor:
+        """Remove the last click (or group of clicks) and return the mask before it."""
+        if not self._history:
+            raise Sam3DError("nothing to undo")
+        self._state = self._history.pop()
+        return self._update()
+
+    def reset(self) -> None:
+        """Forget all clicks (cached features are kept)."""
+        self._history.clear()
+        self._state = _State([], [], [])
+        self.prob_grid, self.mask, self._windows = None, None, []
+
+    def _grid_points(self, points_vox: Sequence[Sequence[float]]) -> np.ndarray:
+        return original_to_grid(
+            np.asarray(points_vox, dtype=np.float64).reshape(-1, 3),
+            self.original_affine,
+            self.grid_image.affine,
+        )
+
+    def _update(self) -> torch.Tensor:
+        grid = torch.as_tensor(self._grid_points(self._state.points_vox), dtype=torch.float32)
+        labels = torch.as_tensor(self._state.labels, dtype=torch.long)
+        probs = self.predictor.predict_windows(grid, labels, self._state.seeds)
+        self._windows = list(probs)
+        return self._finish(self.predictor.stitch(probs))
+
+    def _finish(self, prob_grid: torch.Tensor) -> torch.Tensor:
+        self.prob_grid = prob_grid
+        prob = invert_to_original(prob_grid, self.grid_image, self.transform)
+        self.mask = prob > self.threshold
+        return self.mask
+
+    # -- automatic mode -----------------------------------------------------------
+
+    def segment_all(
+        self,
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        output_device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Automatic mode (no clicks): sliding windows over the whole grid; returns the mask.
+
+        Windows run on the session's device, the stitched volume lives on
+        ``output_device`` (the CPU by default, so GPU memory does not grow with the
+        volume); the map is moved back to the session's device only to be inverted.
+        """
+        from sam3d.inference.auto import sliding_window_probability
+
+        prob = sliding_window_probability(
+            self.model,
+            self.grid_image.as_tensor(),
+            self.predictor.roi,
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
+            sw_device=self.device,
+            device=output_device,
+            amp=self.predictor.amp,
+            progress=progress,
+        )
+        self.reset()
+        return self._finish(prob.to(self.device))
+
+    # -- output -------------------------------------------------------------------
+
+    def mask_numpy(self) -> np.ndarray:
+        """The current mask as uint8 ``I x J x K`` (zeros before any click)."""
+        if self.mask is None:
+            return np.zeros(self.original_shape, dtype=np.uint8)
+        return self.mask.to(torch.uint8).cpu().numpy()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the mask as NIfTI with exactly the input's affine, shape and orientation."""
+        reference = self.source if self.source is not None else self.original_affine
+        return save_mask(self.mask_numpy(), path, reference)
+
+    def save_preview(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """PNG: three orthogonal slices through the first click, mask outlined, clicks marked."""
+        from sam3d.visualize import save_overlay_png
+
+        mask = self.mask_numpy()
+        if self._state.points_vox:
+            center = tuple(int(round(c)) for c in self._state.points_vox[0])
+        elif mask.any():
+            center = tuple(int(round(c)) for c in np.argwhere(mask).mean(0))
+        else:
+            center = tuple(s // 2 for s in self.original_shape)
+        spacing = tuple(float(s) for s in np.linalg.norm(self.original_affine[:3, :3], axis=0))
+        save_overlay_png(
+            self.original_image[0].cpu().numpy(),
+            mask,
+            path,
+            center_vox=center,
+            points_vox=[tuple(int(round(c)) for c in p) for p in self._state.points_vox] or None,
+            point_labels=list(self._state.labels) or None,
+            spacing_mm=spacing,
+            window_hu=tuple(self.dataset["window_hu"]),
+            title=title,
+        )
+        return Path(path)

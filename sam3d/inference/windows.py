@@ -1,0 +1,310 @@
+"""Windows of the resampled grid: placement, cached encoding, growth and Gaussian stitching.
+
+All coordinates here are voxel coordinates of the resampled (RAS, 1 mm) grid, in the
+index order of the volume tensor ``C x H x W x D``. A window is named by its origin
+(the grid voxel of its first corner); windows may reach past the volume where the
+volume is smaller than the window, and that part is filled with the volume's minimum.
+
+The prompted model sees one window at a time. :class:`WindowPredictor` keeps the
+encoder features of every window it has encoded (keyed by origin), so a further
+click only runs the prompt encoder and decoder. Where the predicted lesion touches
+a window face that is not the volume's border, the neighbouring window along that
+axis is added, prompted with the user's clicks inside it plus one point propagated
+from the lesion already found in the overlap; windows are blended with Gaussian
+weights (:func:`monai.data.utils.compute_importance_map`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map
+
+Origin = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class WindowGrowth:
+    """How far a prediction may grow beyond its first window.
+
+    Args:
+        enabled: add neighbouring windows while the lesion touches a window border.
+        max_extent_mm: the union of all windows never spans more than this along any
+            axis (the grid is 1 mm, so this is also voxels).
+        max_windows: hard limit on the number of windows decoded for one prediction.
+        overlap: fraction of a window shared with its neighbour (0.5: stride of half
+            a window).
+        threshold: probability above which a voxel counts as lesion.
+    """
+
+    enabled: bool = True
+    max_extent_mm: float = 384.0
+    max_windows: int = 27
+    overlap: float = 0.5
+    threshold: float = 0.5
+
+
+def roi_tuple(roi: int | Sequence[int]) -> tuple[int, int, int]:
+    """A window size as three ints."""
+    if isinstance(roi, int):
+        return (roi, roi, roi)
+    t = tuple(int(r) for r in roi)
+    if len(t) != 3:
+        raise ValueError(f"a window size needs 3 values, got {t}")
+    return t  # type: ignore[return-value]
+
+
+def clamp_origin(origin: Sequence[float], roi: Sequence[int], shape: Sequence[int]) -> Origin:
+    """Round and clamp a window origin so the window lies inside the volume.
+
+    Along an axis where the volume is smaller than the window, the window is centred
+    on the volume instead (its origin is then negative).
+    """
+    out = []
+    for o, r, s in zip(origin, roi, shape):
+        if s <= r:
+            out.append(-((r - s) // 2))
+        else:
+            out.append(int(min(max(round(float(o)), 0), s - r)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def centred_origin(center_vox: Sequence[float], roi: Sequence[int], shape: Sequence[int]) -> Origin:
+    """Origin of the window of size ``roi`` centred on ``center_vox`` (clamped to the volume)."""
+    return clamp_origin([c - r / 2 + 0.5 for c, r in zip(center_vox, roi)], roi, shape)
+
+
+def inside(points_vox: torch.Tensor, origin: Origin, roi: Sequence[int], margin: float = 0.0):
+    """Which of ``points_vox`` (N x 3, grid voxels) lie in the window, ``margin`` voxels in."""
+    o = torch.as_tensor(origin, dtype=points_vox.dtype, device=points_vox.device)
+    r = torch.as_tensor(roi, dtype=points_vox.dtype, device=points_vox.device)
+    return ((points_vox >= o + margin - 0.5) & (points_vox <= o + r - 1 - margin + 0.5)).all(-1)
+
+
+def extract_window(volume: torch.Tensor, origin: Origin, roi: Sequence[int]) -> torch.Tensor:
+    """The window ``C x r0 x r1 x r2`` of ``volume`` (``C x H x W x D``) at ``origin``.
+
+    Parts outside the volume are filled with the volume's minimum (air after windowing).
+    """
+    shape = volume.shape[1:]
+    lo = [max(o, 0) for o in origin]
+    hi = [min(o + r, s) for o, r, s in zip(origin, roi, shape)]
+    crop = volume[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    pad = []
+    for o, r, s in reversed(list(zip(origin, roi, shape))):
+        pad += [max(0, -o), max(0, o + r - s)]
+    if any(pad):
+        crop = F.pad(crop, pad, value=float(volume.min()))
+    return crop
+
+
+def select_seed_windows(
+    points_pos: torch.Tensor,
+    roi: Sequence[int],
+    shape: Sequence[int],
+    seeds: Sequence[Origin] = (),
+    centre_on_all: bool = False,
+) -> list[Origin]:
+    """Windows that hold the positive clicks ``points_pos`` (N x 3, grid voxels), in click order.
+
+    Existing ``seeds`` are kept; a click that is not at least an eighth of a window
+    inside one of them gets a new window centred on it. With ``centre_on_all`` and no
+    seeds yet, the first window is centred on the mean of all clicks when they all fit
+    in it (the one-shot command), otherwise on the first click (interactive use, where
+    later clicks must not move a window whose features are cached).
+    """
+    seeds = list(seeds)
+    if len(points_pos) == 0:
+        return seeds
+    margin = min(roi) / 8
+    if not seeds and centre_on_all and len(points_pos) > 1:
+        o = centred_origin(points_pos.float().mean(0).tolist(), roi, shape)
+        if bool(inside(points_pos.float(), o, roi, margin).all()):
+            seeds.append(o)
+    for p in points_pos.float():
+        if not any(bool(inside(p[None], s, roi, margin)[0]) for s in seeds):
+            seeds.append(centred_origin(p.tolist(), roi, shape))
+    return seeds
+
+
+def _face(t: torch.Tensor, axis: int, index: int) -> torch.Tensor:
+    return t.select(axis, index)
+
+
+def _propagated_point(
+    prob: torch.Tensor, origin: Origin, new_origin: Origin, roi: Sequence[int], threshold: float
+) -> list[float] | None:
+    """A lesion voxel of ``prob`` (window at ``origin``) inside the window at ``new_origin``.
+
+    The voxel of the overlap's lesion nearest to that lesion's centroid, as grid voxel
+    coordinates; ``None`` if the overlap holds no lesion.
+    """
+    sl = []
+    for o, n, r in zip(origin, new_origin, roi):
+        a, b = max(o, n), min(o + r, n + r)
+        sl.append(slice(a - o, b - o))
+    fg = torch.nonzero(prob[sl[0], sl[1], sl[2]] > threshold).float()
+    if len(fg) == 0:
+        return None
+    c = fg.mean(0)
+    best = fg[torch.argmin(((fg - c) ** 2).sum(-1))]
+    return [float(best[i]) + sl[i].start + origin[i] for i in range(3)]
+
+
+class WindowPredictor:
+    """Run a promptable model over windows of one preprocessed volume.
+
+    Args:
+        model: has ``encode(images B x 1 x H x W x D) -> features`` and
+            ``decode(features, points B x N x 3, point_labels B x N) -> logits B x 2 x H x W x D``.
+        volume: the preprocessed volume ``1 x H x W x D`` (resampled grid), on ``device``.
+        roi: window size in grid voxels (the model's crop size).
+        growth: window growth settings.
+        amp: run the model in bfloat16 autocast (CUDA only).
+
+    ``encode_calls`` counts encoder runs; ``cache`` maps window origins to features.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        volume: torch.Tensor,
+        roi: int | Sequence[int],
+        growth: WindowGrowth | None = None,
+        amp: bool = True,
+    ) -> None:
+        self.model = model
+        self.volume = volume
+        self.roi = roi_tuple(roi)
+        self.growth = growth or WindowGrowth()
+        self.device = volume.device
+        self.amp = amp and self.device.type == "cuda"
+        self.cache: dict[Origin, Any] = {}
+        self.encode_calls = 0
+        self.importance = compute_importance_map(
+            self.roi, mode="gaussian", sigma_scale=0.125, device=self.device
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.volume.shape[1:])  # type: ignore[return-value]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def features(self, origin: Origin) -> Any:
+        """Encoder features of the window at ``origin``, encoded once and cached."""
+        if origin not in self.cache:
+            crop = extract_window(self.volume, origin, self.roi)[None]
+            with torch.inference_mode(), self._autocast():
+                self.cache[origin] = self.model.encode(crop)
+            self.encode_calls += 1
+        return self.cache[origin]
+
+    def decode(
+        self, origin: Origin, points_vox: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N)."""
+        feats = self.features(origin)
+        o = torch.as_tensor(origin, dtype=torch.float32, device=self.device)
+        local = (points_vox.to(self.device, torch.float32) - o)[None]
+        lab = labels.to(self.device, torch.long)[None]
+        if local.shape[1] == 0:  # the model needs at least one (padding) prompt
+            local = torch.zeros(1, 1, 3, device=self.device)
+            lab = torch.full((1, 1), -1, dtype=torch.long, device=self.device)
+        with torch.inference_mode(), self._autocast():
+            logits = self.model.decode(feats, local, lab)
+        return torch.softmax(logits.float(), dim=1)[0, 1]
+
+    def predict_windows(
+        self, points_vox: torch.Tensor, labels: torch.Tensor, seeds: Sequence[Origin]
+    ) -> dict[Origin, torch.Tensor]:
+        """Decode the seed windows, then grow while the lesion touches a window border.
+
+        Args:
+            points_vox: clicks ``N x 3`` in grid voxels.
+            labels: ``N`` (1 positive, 0 negative, -1 ignored).
+            seeds: origins of the first windows (see :func:`select_seed_windows`).
+
+        Returns:
+            window origin -> tumour probability ``r0 x r1 x r2``, in decoding order.
+        """
+        g, roi, shape = self.growth, self.roi, self.shape
+        points_vox = points_vox.float().cpu()
+        labels = labels.long().cpu()
+        stride = [max(1, round(r * (1 - g.overlap))) for r in roi]
+        queue: deque[tuple[Origin, list[list[float]]]] = deque((s, []) for s in seeds)
+        planned = set(seeds)
+        probs: dict[Origin, torch.Tensor] = {}
+        while queue:
+            origin, extra = queue.popleft()
+            keep = inside(points_vox, origin, roi) & (labels >= 0)
+            pts, lab = points_vox[keep], labels[keep]
+            if extra:
+                pts = torch.cat([pts, torch.tensor(extra, dtype=torch.float32)])
+                lab = torch.cat([lab, torch.ones(len(extra), dtype=torch.long)])
+            prob = self.decode(origin, pts, lab)
+            probs[origin] = prob
+            if not g.enabled:
+                continue
+            for axis in range(3):
+                for side, step in ((0, -1), (roi[axis] - 1, 1)):
+                    if not bool((_face(prob, axis, side) > g.threshold).any()):
+                        continue
+                    new = list(origin)
+                    new[axis] += step * stride[axis]
+                    new_origin = clamp_origin(new, roi, shape)
+                    if new_origin == origin or new_origin in planned:
+                        continue
+                    if len(planned) >= g.max_windows:
+                        continue
+                    span = [
+                        max(o[a] + roi[a] for o in (*planned, new_origin))
+                        - min(o[a] for o in (*planned, new_origin))
+                        for a in range(3)
+                    ]
+                    if max(span) > g.max_extent_mm:
+                        continue
+                    point = _propagated_point(prob, origin, new_origin, roi, g.threshold)
+                    if point is None:
+                        continue
+                    planned.add(new_origin)
+                    queue.append((new_origin, [point]))
+        return probs
+
+    def stitch(self, probs: dict[Origin, torch.Tensor]) -> torch.Tensor:
+        """Blend window probabilities into the whole grid ``H x W x D`` with Gaussian weights.
+
+        Voxels that no window covers are 0.
+        """
+        shape = self.shape
+        out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        if not probs:
+            return out
+        lo = [max(0, min(o[a] for o in probs)) for a in range(3)]
+        hi = [min(shape[a], max(o[a] + self.roi[a] for o in probs)) for a in range(3)]
+        size = [h - lq for h, lq in zip(hi, lo)]
+        num = torch.zeros(size, dtype=torch.float32, device=self.device)
+        den = torch.zeros(size, dtype=torch.float32, device=self.device)
+        for origin, prob in probs.items():
+            dst, src = [], []
+            for a in range(3):
+                a0, a1 = max(origin[a], lo[a]), min(origin[a] + self.roi[a], hi[a])
+                dst.append(slice(a0 - lo[a], a1 - lo[a]))
+                src.append(slice(a0 - origin[a], a1 - origin[a]))
+            w = self.importance[src[0], src[1], src[2]]
+            num[dst[0], dst[1], dst[2]] += w * prob[src[0], src[1], src[2]]
+            den[dst[0], dst[1], dst[2]] += w
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = num / den.clamp_min(1e-12)
+        return out
+
+    def predict(
+        self, points_vox: torch.Tensor, labels: torch.Tensor, seeds: Sequence[Origin]
+    ) -> torch.Tensor:
+        """Stitched tumour probability ``H x W x D`` of the whole grid for these clicks."""
+        return self.stitch(self.predict_windows(points_vox, labels, seeds))

@@ -1,0 +1,241 @@
+"""Click segmentation: grid mapping, geometry of outputs, caching, window growth, bundle.
+
+Two models drive these tests. The real tiny Sam3D (from a checkpoint saved by a short
+training) checks shapes, affines and encoder calls. A deterministic stand-in with the
+same ``encode``/``decode`` interface -- it returns the bright connected component that
+holds a positive click -- checks the window mechanics (growth, stitching, negative
+clicks, automatic mode) against masks known in advance.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage
+
+from sam3d.data.phantoms import make_ct_phantom
+from sam3d.data.pipelines import load_dataset_preset
+from sam3d.errors import Sam3DError
+from sam3d.inference import (
+    ClickSession,
+    WindowGrowth,
+    load_model_for_inference,
+    original_to_grid,
+)
+
+KITS = load_dataset_preset("kits")
+BRIGHT_HU = 200.0
+# The stand-in's tumour threshold in z-scored units: 100 HU, halfway between 0 and 200.
+THRESHOLD_Z = (100.0 - KITS["mean"]) / KITS["std"]
+NO_GROWTH = WindowGrowth(enabled=False)
+
+
+class BrightComponentModel(torch.nn.Module):
+    """Stand-in promptable model: tumour = bright components holding a positive click.
+
+    A component holding a negative click is removed; with no valid click every bright
+    component is tumour (automatic mode). ``encode_calls`` counts encoder runs.
+    """
+
+    def __init__(self, crop_size: int = 16) -> None:
+        super().__init__()
+        self.crop_size = crop_size
+        self.encode_calls = 0
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.encode_calls += 1
+        return images.clone()
+
+    def decode(self, features, points, point_labels) -> torch.Tensor:
+        out = []
+        for b in range(features.shape[0]):
+            bright = (features[b, 0] > THRESHOLD_Z).cpu().numpy()
+            comp, _ = ndimage.label(bright)
+            valid = point_labels[b] >= 0
+            if not bool(valid.any()):
+                keep = bright
+            else:
+                keep = np.zeros_like(bright)
+                hi = np.array(bright.shape) - 1
+                for p, lab in zip(points[b][valid].round().long().tolist(), point_labels[b][valid]):
+                    c = comp[tuple(np.clip(p, 0, hi))]
+                    if c and int(lab) == 1:
+                        keep |= comp == c
+                for p, lab in zip(points[b][valid].round().long().tolist(), point_labels[b][valid]):
+                    c = comp[tuple(np.clip(p, 0, hi))]
+                    if c and int(lab) == 0:
+                        keep &= comp != c
+            t = torch.as_tensor(keep, dtype=torch.float32) * 20 - 10
+            out.append(torch.stack([-t, t]))
+        return torch.stack(out).to(features.device)
+
+
+def _volume(shape, boxes, affine=None) -> tuple[MetaTensor, np.ndarray]:
+    """A 0 HU volume with 200 HU boxes (slices); returns the MetaTensor and the box mask."""
+    img = np.zeros(shape, np.float32)
+    for box in boxes:
+        img[box] = BRIGHT_HU
+    aff = np.eye(4) if affine is None else affine
+    return MetaTensor(torch.as_tensor(img)[None], affine=torch.as_tensor(aff)), img > 0
+
+
+def _write_phantom(tmp_path, orientation: str, seed: int = 0, shape=(24, 24, 12)):
+    ph = make_ct_phantom(
+        seed, shape_vox=shape, spacing_mm=(1.25, 1.25, 2.5), orientation=orientation
+    )
+    path = tmp_path / f"{orientation}.nii.gz"
+    nib.save(nib.Nifti1Image(ph.image_hu.astype(np.int16), ph.affine), path)
+    return path, ph
+
+
+@pytest.fixture(scope="module")
+def tiny(trained_tiny_sam3d_checkpoint):
+    model, meta = load_model_for_inference(trained_tiny_sam3d_checkpoint, "cpu")
+    return model, meta["dataset"]
+
+
+def test_original_to_grid_hand_computed():
+    # original: 2 x 3 x 4 mm voxels at (10, 20, 30); grid: 1 mm voxels at (0, 0, 0)
+    original = np.diag([2.0, 3.0, 4.0, 1.0])
+    original[:3, 3] = [10, 20, 30]
+    grid = np.eye(4)
+    got = original_to_grid([[1, 2, 3]], original, grid)
+    np.testing.assert_allclose(got, [[12, 26, 42]])
+    # world input skips the original affine; an LPS grid flips the first two axes
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    np.testing.assert_allclose(
+        original_to_grid([[12, 26, 42]], original, lps, world=True), [[-12, -26, 42]]
+    )
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "oblique"])
+def test_mask_keeps_input_geometry(tmp_path, tiny, orientation):
+    model, dataset = tiny
+    path, ph = _write_phantom(tmp_path, orientation)
+    session = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH)
+    mask = session.click((12, 12, 6))
+    assert tuple(mask.shape) == ph.image_hu.shape
+    out = session.save(tmp_path / "mask.nii.gz")
+    ref, got = nib.load(path), nib.load(out)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.affine, ref.affine, atol=1e-6)
+    assert nib.aff2axcodes(got.affine) == nib.aff2axcodes(ref.affine)
+    assert got.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(got.dataobj), mask.numpy().astype(np.uint8))
+    assert not list(tmp_path.glob(".mask*")), "a temporary file was left behind"
+
+
+def test_voxel_and_world_clicks_give_the_same_mask(tmp_path, tiny):
+    model, dataset = tiny
+    path, ph = _write_phantom(tmp_path, "oblique", seed=1)
+    vox = np.array([10.0, 13.0, 5.0])
+    world = (ph.affine @ np.append(vox, 1.0))[:3]
+    a = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH).click(vox)
+    b = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH).click(world, world=True)
+    assert torch.equal(a, b)
+
+
+def test_further_clicks_never_call_the_encoder(tmp_path, tiny):
+    model, dataset = tiny
+    path, _ = _write_phantom(tmp_path, "RAS", seed=2)
+    calls = []
+    encode = model.encode
+    model.encode = lambda images: calls.append(images.shape) or encode(images)
+    try:
+        session = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH)
+        first = session.click((12, 12, 6)).clone()
+        assert len(calls) == 1 and tuple(calls[0][2:]) == (model.crop_size,) * 3
+        second = session.click((14, 11, 6))
+        session.click((9, 13, 5), positive=False)
+        assert len(calls) == 1 and session.encode_calls == 1
+        torch.testing.assert_close(session.undo(), second)
+        torch.testing.assert_close(session.undo(), first)
+        assert len(calls) == 1
+    finally:
+        del model.encode
+
+
+def test_window_growth_segments_a_lesion_longer_than_a_window():
+    # a 48 mm bar along i in a 64 mm volume; windows are 16 mm
+    bar = (slice(8, 56), slice(10, 14), slice(10, 14))
+    image, truth = _volume((64, 24, 24), [bar])
+    grown_model, cut_model = BrightComponentModel(16), BrightComponentModel(16)
+    grown = ClickSession(grown_model, image, KITS, device="cpu").click((30, 12, 12))
+    cut = ClickSession(cut_model, image, KITS, device="cpu", growth=NO_GROWTH).click((30, 12, 12))
+    np.testing.assert_array_equal(grown.numpy(), truth)
+    assert cut_model.encode_calls == 1 and grown_model.encode_calls > 1
+    assert cut.sum() < truth.sum() and not (cut.numpy() & ~truth).any()
+    extent = np.nonzero(cut.numpy().any((1, 2)))[0]
+    assert extent.max() - extent.min() + 1 <= 16
+
+
+def test_window_growth_stops_at_the_configured_extent():
+    bar = (slice(2, 62), slice(10, 14), slice(10, 14))
+    image, truth = _volume((64, 24, 24), [bar])
+    growth = WindowGrowth(max_extent_mm=32)
+    session = ClickSession(BrightComponentModel(16), image, KITS, device="cpu", growth=growth)
+    mask = session.click((30, 12, 12)).numpy()
+    extent = np.nonzero(mask.any((1, 2)))[0]
+    assert 16 < extent.max() - extent.min() + 1 <= 32
+    windows = np.array(session.windows)
+    assert windows[:, 0].max() + 16 - windows[:, 0].min() <= 32
+
+
+def test_negative_click_removes_a_region():
+    a = (slice(4, 8), slice(4, 8), slice(4, 8))
+    b = (slice(9, 13), slice(9, 13), slice(9, 13))
+    image, _ = _volume((16, 16, 16), [a, b])
+    model = BrightComponentModel(16)
+    session = ClickSession(model, image, KITS, device="cpu")
+    session.click((5, 5, 5))
+    both = session.click((10, 10, 10)).numpy()
+    assert both[a].all() and both[b].all()
+    after = session.click((11, 11, 11), positive=False).numpy()
+    assert after[a].all() and not after[b].any() and after.sum() == 64
+    assert model.encode_calls == 1
+
+
+def test_automatic_mode_finds_every_lesion_with_sliding_windows():
+    boxes = [(slice(3, 9), slice(3, 9), slice(3, 9)), (slice(30, 36), slice(20, 26), slice(8, 12))]
+    image, truth = _volume((40, 32, 20), boxes)
+    model = BrightComponentModel(16)
+    session = ClickSession(model, image, KITS, device="cpu")
+    mask = session.segment_all(overlap=0.25, output_device="cpu")
+    np.testing.assert_array_equal(mask.numpy(), truth)
+    assert model.encode_calls > 1  # one per window
+
+
+def test_click_outside_the_volume_is_refused(tmp_path, tiny):
+    model, dataset = tiny
+    path, _ = _write_phantom(tmp_path, "LPS", seed=3)
+    session = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH)
+    with pytest.raises(Sam3DError, match="outside the image"):
+        session.click((24, 3, 3))
+    with pytest.raises(Sam3DError, match="outside the image"):
+        session.click((0, 0, 10_000), world=True)
+    assert session.encode_calls == 0 and session.points_vox == []
+
+
+def test_bundle_prompted_and_automatic(tmp_path, tiny, trained_tiny_sam3d_checkpoint):
+    from monai.bundle import run
+
+    model, dataset = tiny
+    path, _ = _write_phantom(tmp_path, "oblique", seed=4, shape=(20, 20, 10))
+    config = "bundles/kits/inference.json"
+    common = dict(config_file=config, checkpoint=trained_tiny_sam3d_checkpoint, grow_windows=False)
+    case = {"image": str(path), "points": [[10, 9, 5]], "point_labels": [1]}
+    run(input_dict=case, output_dir=str(tmp_path / "prompted"), **common)
+    got = nib.load(tmp_path / "prompted" / "oblique_seg.nii.gz")
+    ref = nib.load(path)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
+    session = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH)
+    np.testing.assert_array_equal(np.asarray(got.dataobj), session.click((10, 9, 5)).numpy())
+
+    run(input_dict={"image": str(path)}, output_dir=str(tmp_path / "auto"), **common)
+    auto = nib.load(tmp_path / "auto" / "oblique_seg.nii.gz")
+    assert auto.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(auto.dataobj), session.segment_all().numpy())
