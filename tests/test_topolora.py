@@ -19,7 +19,13 @@ from sam3d.models.sam_vit import (
     use_block_checkpointing,
     use_fused_attention,
 )
-from sam3d.models.topolora import SpatialAdapter, TopoLoRASam, build_topolora_sam
+from sam3d.models.topolora import (
+    SpatialAdapter,
+    TopoLoRASam,
+    build_sam,
+    build_topolora_sam,
+    resize_sam_state_dict,
+)
 from tests.conftest import TINY_SAM
 
 
@@ -53,7 +59,8 @@ def test_step0_logits_equal_the_official_prompt_free_logits(tiny_sam_checkpoint,
 
 
 def test_only_lora_adapter_and_decoder_get_gradients(tiny_sam_checkpoint, image):
-    model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint).train()
+    # a 256 input keeps this CPU test fast; the parameter structure is the same as at 1024
+    model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint, image_size=256).train()
     with torch.no_grad():  # a model some steps into training: B and the adapter's last conv != 0
         for _, m in model.named_modules():
             if isinstance(m, LoRALinear):
@@ -94,7 +101,8 @@ def test_wrong_checkpoint_size_is_a_user_error(tiny_sam_checkpoint):
 
 
 def test_fused_attention_and_checkpointing_compute_the_same_function(tiny_sam_checkpoint):
-    base = _official(tiny_sam_checkpoint).image_encoder
+    # 512 input: 32 x 32 tokens, so windowed blocks pad 32 -> 42 and global blocks see 1024
+    base = build_sam("tiny", tiny_sam_checkpoint, image_size=512).image_encoder
     with torch.no_grad():  # non-zero rel-pos tables so the bias term is really exercised
         for n, p in base.named_parameters():
             if "rel_pos" in n:
@@ -104,7 +112,7 @@ def test_fused_attention_and_checkpointing_compute_the_same_function(tiny_sam_ch
     assert isinstance(fast.blocks[1], CheckpointedBlock)
     assert isinstance(fast.blocks[1].attn, FusedRelPosAttention)
     assert list(fast.state_dict()) == list(base.state_dict())  # same keys, portable checkpoints
-    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     ref = base(x)
     out = fast(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -127,16 +135,16 @@ def test_attention_wrapper_alone_matches_window_and_global_attention():
 
 
 def test_merged_encoder_loads_into_the_official_encoder(tiny_sam_checkpoint):
-    model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint).eval()
+    model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint, image_size=256).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_b.normal_(0, 0.05)
-    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model.sam.image_encoder(x)
         merge_lora(model.sam.image_encoder)
-        official = _official(tiny_sam_checkpoint)
+        official = build_sam("tiny", image_size=256)  # the plain segment_anything modules
         official.image_encoder.load_state_dict(model.sam.image_encoder.state_dict(), strict=True)
         torch.testing.assert_close(official.image_encoder(x), expected, rtol=1e-4, atol=1e-4)
 
@@ -161,3 +169,30 @@ def test_wraps_an_already_built_sam_and_rejects_other_modules(tiny_sam_checkpoin
     assert model.sam.image_encoder.blocks[0].mlp.lin1.rank == 4
     with pytest.raises(Sam3DError, match="wraps a segment_anything Sam"):
         TopoLoRASam(torch.nn.Linear(2, 2))
+
+
+def test_smaller_input_resizes_position_tables_like_segment_anything(tiny_sam_checkpoint, image):
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from sam3d.checkpoint import load_sam_state_dict
+
+    model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint, image_size=256)
+    assert model.img_size == 256
+    state = load_sam_state_dict(tiny_sam_checkpoint)
+    big = state["image_encoder.blocks.1.attn.rel_pos_h"]  # global block: 2 * 64 - 1 rows
+    with torch.no_grad():
+        big.normal_()  # the random SAM's tables are zero; make the comparison meaningful
+    table = resize_sam_state_dict(state, model.sam)["image_encoder.blocks.1.attn.rel_pos_h"]
+    assert table.shape == (31, big.shape[1])
+    # segment_anything's own run-time resizing: get_rel_pos(16, 16)[i, 0] = resized[i + 15]
+    torch.testing.assert_close(table[15:], get_rel_pos(16, 16, big)[:, 0])
+    torch.testing.assert_close(table[:16].flip(0), get_rel_pos(16, 16, big)[0, :])
+    # windowed blocks keep their 27-row tables; the checkpoint's weights are used as they are
+    assert model.sam.image_encoder.blocks[0].attn.rel_pos_h.shape[0] == 27
+    torch.testing.assert_close(
+        model.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"]
+    )
+    with torch.no_grad():
+        assert model.eval()(image).shape == (1, 1, 72, 60)
+    with pytest.raises(Sam3DError, match="multiple of 16"):
+        build_topolora_sam("tiny", image_size=100)
