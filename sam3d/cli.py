@@ -17,7 +17,19 @@ from sam3d.errors import Sam3DError
 def _cmd_phantoms(args: argparse.Namespace) -> None:
     from sam3d.data.phantoms import write_phantom_dataset
 
-    out = write_phantom_dataset(args.kind, args.out, n=args.n, seed=args.seed, progress=True)
+    kwargs: dict = {}
+    if args.shape is not None:
+        want = 3 if args.kind == "ct" else 2
+        if len(args.shape) != want:
+            raise Sam3DError(f"--shape takes {want} numbers for {args.kind} phantoms")
+        kwargs["shape_vox" if args.kind == "ct" else "size"] = tuple(args.shape)
+    if args.spacing is not None:
+        if args.kind != "ct":
+            raise Sam3DError("--spacing applies to ct phantoms only")
+        kwargs["spacing_mm"] = tuple(args.spacing)
+    out = write_phantom_dataset(
+        args.kind, args.out, n=args.n, seed=args.seed, progress=True, **kwargs
+    )
     print(f"wrote {args.n} {args.kind} phantoms and {out}")
 
 
@@ -25,6 +37,27 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from sam3d.demo import run_demo
 
     run_demo(Path(args.out), seed=args.seed)
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from sam3d.data.io import load_image, load_image_label, orientation_codes, spacing_from_affine
+
+    if args.label is None:
+        image, label = load_image(args.image), None
+    else:
+        image, label = load_image_label(args.image, args.label)
+    spacing = ", ".join(f"{s:.4g}" for s in spacing_from_affine(image.affine))
+    print(f"image:       {args.image}")
+    print(f"shape:       {tuple(image.shape[1:])} (i, j, k)")
+    print(f"spacing:     ({spacing}) mm")
+    print(f"orientation: {orientation_codes(image.affine)}")
+    print(f"intensity:   {float(image.min()):.1f} .. {float(image.max()):.1f} (HU for CT)")
+    if label is not None:
+        values, counts = np.unique(label.numpy().astype(np.int64), return_counts=True)
+        print(f"label:       {args.label}")
+        print("label counts: " + ", ".join(f"{v}: {c}" for v, c in zip(values, counts)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--n", type=int, default=8, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="ct: I J K voxels; vessels: H W pixels (default: drawn / 256 256)",
+    )
+    p.add_argument(
+        "--spacing", type=float, nargs=3, metavar="MM", help="ct: voxel size (default: drawn)"
+    )
     p.set_defaults(func=_cmd_phantoms)
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo on phantoms")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="check and describe a volume (and its label)")
+    p.add_argument("image", type=Path, help="NIfTI volume (.nii.gz / .nii)")
+    p.add_argument("--label", type=Path, help="label volume on the same voxel grid")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 
