@@ -1,0 +1,203 @@
+"""Click simulation: positive clicks inside the tumour, negative clicks outside it.
+
+Clicks are float voxel coordinates ``(i, j, k)`` in the index order of the array they
+were drawn from (the spatial part of MONAI's ``C x H x W x D``), so they are drawn
+*after* the last spatial transform of a pipeline (orientation, spacing, crop) and need
+no carrying through transforms. Labels: 1 positive, 0 negative, -1 padding; every sample
+is padded to the same number of clicks so batches collate to ``points B x N x 3`` and
+``point_labels B x N``.
+
+Two dictionary transforms:
+
+- :class:`SimulateClicksd`: deterministic, seeded per case (global seed + case name), so
+  every model scored on a split sees exactly the same clicks, whatever the order of the
+  cases or the number of workers. Not randomizable, so MONAI's ``CacheDataset`` caches it.
+- :class:`RandSimulateClicksd`: a MONAI randomizable transform for training; its generator
+  is seeded by MONAI (``set_determinism`` / the data loader), so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+from sam3d.errors import Sam3DError
+
+__all__ = ["case_seed", "sample_clicks", "SimulateClicksd", "RandSimulateClicksd"]
+
+Generator = np.random.Generator | np.random.RandomState
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """A stable 32-bit seed from a global seed and a case name (independent of case order)."""
+    return zlib.crc32(f"{int(seed)}:{case_id}".encode()) & 0xFFFFFFFF
+
+
+def _as_mask(label: Any, tumour_label: int) -> np.ndarray:
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ValueError(f"expected a single-channel label 1 x H x W x D, got {arr.shape}")
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3D label (H x W x D or 1 x H x W x D), got {arr.shape}")
+    return arr == tumour_label
+
+
+def _draw(region: np.ndarray, k: int, rng: Generator) -> np.ndarray:
+    """``k`` voxel indices (k x 3) drawn uniformly from the True voxels of ``region``."""
+    flat = np.flatnonzero(region)
+    if k <= 0 or flat.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    chosen = rng.choice(flat, size=k, replace=flat.size < k)
+    return np.stack(np.unravel_index(np.asarray(chosen), region.shape), axis=-1)
+
+
+def sample_clicks(
+    tumour_mask: np.ndarray,
+    n_pos: int,
+    n_neg: int,
+    rng: Generator,
+    neg_margin_vox: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw clicks from a binary tumour mask.
+
+    Args:
+        tumour_mask: bool ``H x W x D`` (True inside the tumour).
+        n_pos: positive clicks, uniform over tumour voxels (none if the mask is empty).
+        n_neg: negative clicks, uniform over non-tumour voxels; with ``neg_margin_vox`` only
+            those within that many voxels of the tumour's bounding box (near the lesion,
+            where a user would correct a leak), falling back to anywhere outside the tumour.
+        rng: a numpy ``Generator`` or ``RandomState``.
+
+    Returns:
+        ``points_vox`` float32 ``(n_pos + n_neg) x 3`` and ``labels`` int64 ``n_pos + n_neg``
+        (1 positive, 0 negative, -1 padding where a kind of click could not be drawn).
+    """
+    mask = np.asarray(tumour_mask, dtype=bool)
+    pos = _draw(mask, n_pos, rng)
+    outside = ~mask
+    if neg_margin_vox is not None and pos.shape[0] > 0:
+        near = np.zeros_like(mask)
+        idx = np.argwhere(mask)
+        lo = np.maximum(idx.min(0) - neg_margin_vox, 0)
+        hi = np.minimum(idx.max(0) + neg_margin_vox + 1, mask.shape)
+        near[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+        if np.any(near & outside):
+            outside = near & outside
+    neg = _draw(outside, n_neg, rng)
+    n = n_pos + n_neg
+    points = np.zeros((n, 3), dtype=np.float32)
+    labels = np.full((n,), -1, dtype=np.int64)
+    points[: pos.shape[0]] = pos
+    labels[: pos.shape[0]] = 1
+    points[pos.shape[0] : pos.shape[0] + neg.shape[0]] = neg
+    labels[pos.shape[0] : pos.shape[0] + neg.shape[0]] = 0
+    return points, labels
+
+
+class _ClicksBase(MapTransform):
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        n_pos: int = 1,
+        n_neg: int = 0,
+        tumour_label: int = 1,
+        neg_margin_vox: int | None = None,
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError("click simulation reads exactly one label key")
+        self.n_pos, self.n_neg = int(n_pos), int(n_neg)
+        self.tumour_label = int(tumour_label)
+        self.neg_margin_vox = neg_margin_vox
+        self.points_key, self.labels_key = points_key, labels_key
+
+    def _add_clicks(self, data: Mapping[Hashable, Any], rng: Generator) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = _as_mask(d[self.keys[0]], self.tumour_label)
+        points, labels = sample_clicks(mask, self.n_pos, self.n_neg, rng, self.neg_margin_vox)
+        d[self.points_key] = torch.from_numpy(points)
+        d[self.labels_key] = torch.from_numpy(labels)
+        return d
+
+
+class SimulateClicksd(_ClicksBase):
+    """Deterministic clicks, seeded per case: ``points`` N x 3 and ``point_labels`` N.
+
+    The case name is the label's file name (``MetaTensor.meta["filename_or_obj"]``) or,
+    if ``case_key`` is given, ``data[case_key]``. Default: one positive click, the
+    reference's single-click evaluation.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        n_pos: int = 1,
+        n_neg: int = 0,
+        seed: int = 0,
+        tumour_label: int = 1,
+        neg_margin_vox: int | None = None,
+        case_key: str | None = None,
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(
+            keys, n_pos, n_neg, tumour_label, neg_margin_vox, points_key, labels_key,
+            allow_missing_keys,
+        )  # fmt: skip
+        self.seed = int(seed)
+        self.case_key = case_key
+
+    def case_id(self, data: Mapping[Hashable, Any]) -> str:
+        if self.case_key is not None:
+            return str(data[self.case_key])
+        label = data[self.keys[0]]
+        name = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
+        if not name:
+            raise Sam3DError(
+                "SimulateClicksd needs the case name: load the label with LoadImaged "
+                "(file name in its metadata) or pass case_key."
+            )
+        return str(name).replace("\\", "/").rsplit("/", 1)[-1]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        rng = np.random.default_rng(case_seed(self.seed, self.case_id(data)))
+        return self._add_clicks(data, rng)
+
+
+class RandSimulateClicksd(Randomizable, _ClicksBase):
+    """Random training clicks (reference: 10 tumour + 20 other points) from MONAI's seeded ``R``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        n_pos: int = 10,
+        n_neg: int = 20,
+        tumour_label: int = 1,
+        neg_margin_vox: int | None = None,
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        _ClicksBase.__init__(
+            self, keys, n_pos, n_neg, tumour_label, neg_margin_vox, points_key, labels_key,
+            allow_missing_keys,
+        )  # fmt: skip
+
+    def randomize(self, data: Any = None) -> None:  # the draw itself uses self.R
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self._add_clicks(data, self.R)

@@ -1,0 +1,203 @@
+"""MONAI transform chains per dataset preset (the reference recipe, REFERENCE section 1).
+
+A dataset preset (``configs/datasets/<name>.json``) holds the HU window, the global
+mean/SD of the z-score, the tumour label, the target spacing and the NSD tolerance.
+The chains here are the Python twins of the ``preprocessing`` lists of
+``bundles/kits/train.json`` (tests check that both give the same tensors), for scripts
+and for other code paths that need the same preprocessing without a bundle:
+
+- :func:`load_transforms`: load, channel first, RAS, resample to the preset spacing;
+- :func:`intensity_transforms`: clip to the window, z-score with the global mean/SD;
+- :func:`train_transforms`: + body crop, tumour-vs-rest label, pos/neg crops, zoom,
+  crop, flips, rot90, intensity shift, random clicks;
+- :func:`val_transforms`: + body crop, tumour-vs-rest label, one seeded click per case.
+
+Every spatial step comes before the clicks are drawn, so clicks are voxel indices of the
+final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LabelToMaskd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    RandZoomd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from sam3d.data.clicks import RandSimulateClicksd, SimulateClicksd
+from sam3d.errors import Sam3DError
+
+__all__ = [
+    "DATASET_PRESET_DIR",
+    "dataset_preset_names",
+    "load_dataset_preset",
+    "air_value",
+    "above",
+    "pre_crop_size",
+    "load_transforms",
+    "intensity_transforms",
+    "train_transforms",
+    "val_transforms",
+]
+
+DATASET_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets"
+_REQUIRED = {"window_hu", "mean", "std", "tumour_label", "nsd_tolerance_mm", "spacing_mm"}
+# Below this HU a voxel is air outside the body (the foreground crop's threshold).
+BODY_HU = -500.0
+
+
+def dataset_preset_names() -> list[str]:
+    """Names of the shipped dataset presets (``kits``, ``lits``, ``pancreas``, ``colon``)."""
+    return sorted(p.stem for p in DATASET_PRESET_DIR.glob("*.json"))
+
+
+def load_dataset_preset(preset: str | Path | dict) -> dict[str, Any]:
+    """A dataset preset as a dict: a shipped name, a JSON file path, or a dict to check."""
+    if isinstance(preset, dict):
+        data = dict(preset)
+    else:
+        path = Path(preset)
+        if path.suffix != ".json":
+            path = DATASET_PRESET_DIR / f"{preset}.json"
+        if not path.is_file():
+            raise Sam3DError(
+                f"unknown dataset preset {str(preset)!r}: use one of "
+                f"{', '.join(dataset_preset_names())} or a path to a preset JSON file."
+            )
+        data = json.loads(path.read_text())
+    missing = _REQUIRED - set(data)
+    if missing:
+        raise Sam3DError(f"dataset preset {preset!r} lacks {', '.join(sorted(missing))}.")
+    return data
+
+
+def air_value(preset: dict) -> float:
+    """The normalised value of air (the window's lower bound after the z-score)."""
+    return (float(preset["window_hu"][0]) - float(preset["mean"])) / float(preset["std"])
+
+
+def above(threshold: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A picklable ``x > threshold`` for ``CropForegroundd(select_fn=...)``."""
+    return functools.partial(torch.gt, other=float(threshold))
+
+
+def pre_crop_size(crop_size: int) -> int:
+    """The pos/neg crop before zoom and the final crop (reference: 154 for 128)."""
+    return int(round(crop_size * 154 / 128))
+
+
+def load_transforms(
+    preset: dict, keys: Sequence[str] = ("image", "label"), body_hu: float | None = BODY_HU
+) -> list:
+    """Load, channel first, RAS, resample (image bilinear, label nearest), crop to the body."""
+    keys = list(keys)
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    chain: list = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=list(preset["spacing_mm"]), mode=modes),
+    ]
+    if body_hu is not None:
+        chain.append(CropForegroundd(keys=keys, source_key=keys[0], select_fn=above(body_hu)))
+    return chain
+
+
+def intensity_transforms(preset: dict, key: str = "image") -> list:
+    """Clip to the preset's HU window, then z-score with its global mean/SD."""
+    lo, hi = (float(v) for v in preset["window_hu"])
+    return [
+        ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+        NormalizeIntensityd(
+            keys=key, subtrahend=float(preset["mean"]), divisor=float(preset["std"])
+        ),
+    ]
+
+
+def _tumour_label(preset: dict, key: str = "label") -> list:
+    return [
+        LabelToMaskd(keys=key, select_labels=[int(preset["tumour_label"])]),
+        CastToTyped(keys=key, dtype=torch.uint8),
+    ]
+
+
+def train_transforms(
+    preset: dict,
+    crop_size: int,
+    n_pos: int = 10,
+    n_neg: int = 20,
+    samples_per_volume: int = 1,
+) -> Compose:
+    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
+    pre = pre_crop_size(crop_size)
+    air = air_value(preset)
+    return Compose(
+        [
+            *load_transforms(preset),
+            *intensity_transforms(preset),
+            *_tumour_label(preset),
+            SpatialPadd(keys="image", spatial_size=[pre] * 3, value=air),
+            SpatialPadd(keys="label", spatial_size=[pre] * 3),
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=[pre] * 3,
+                pos=2,
+                neg=1,
+                num_samples=samples_per_volume,
+                image_key="image",
+                image_threshold=air,
+            ),  # fmt: skip
+            RandZoomd(
+                keys=["image", "label"],
+                prob=0.3,
+                min_zoom=0.9,
+                max_zoom=1.1,
+                mode=["trilinear", "nearest"],
+                keep_size=True,
+            ),  # fmt: skip
+            RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
+            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
+            RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
+            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg),
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
+        ]
+    )
+
+
+def val_transforms(preset: dict, seed: int = 0, n_pos: int = 1, n_neg: int = 0) -> Compose:
+    """The evaluation chain: whole body-cropped volume at 1 mm, one seeded click per case."""
+    return Compose(
+        [
+            *load_transforms(preset),
+            *intensity_transforms(preset),
+            *_tumour_label(preset),
+            SimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, seed=seed),
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
+        ]
+    )
