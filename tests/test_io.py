@@ -176,3 +176,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
     atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
     assert target.read_bytes() == b"whole" and os.listdir(tmp_path) == ["out.nii.gz"]
+    # same permissions as a plainly created file (mkstemp alone would give 0600)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

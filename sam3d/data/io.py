@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from monai.data import MetaTensor
 
 AFFINE_TOLERANCE_MM = 1e-3
+# Read once at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -41,6 +44,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
