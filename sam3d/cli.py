@@ -60,6 +60,82 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print("label counts: " + ", ".join(f"{v}: {c}" for v, c in zip(values, counts)))
 
 
+def _point(text: str) -> tuple[float, float, float]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        point = tuple(float(v) for v in parts)
+    except ValueError:
+        point = ()
+    if len(point) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers I,J,K, got {text!r}")
+    return point  # type: ignore[return-value]
+
+
+def _growth(args: argparse.Namespace):
+    from sam3d.inference import WindowGrowth
+
+    return WindowGrowth(enabled=not args.no_grow, max_extent_mm=args.max_extent_mm)
+
+
+def _cmd_segment(args: argparse.Namespace) -> None:
+    from sam3d.inference.segment import segment_file
+
+    session = segment_file(
+        args.image,
+        args.checkpoint,
+        args.out,
+        clicks=args.click,
+        negatives=args.negative,
+        world=args.world,
+        preview=args.preview,
+        device=args.device,
+        growth=_growth(args),
+    )
+    n = int(session.mask_numpy().sum())
+    print(
+        f"wrote {args.out} ({n} tumour voxels)" + (f" and {args.preview}" if args.preview else "")
+    )
+
+
+def _cmd_segment_batch(args: argparse.Namespace) -> None:
+    from sam3d.inference import load_model_for_inference
+    from sam3d.inference.batch import list_cases, segment_batch
+
+    cases = list_cases(args.input, key=args.key)
+    model, meta = load_model_for_inference(args.checkpoint, args.device)
+    report = segment_batch(
+        model,
+        meta["dataset"],
+        cases,
+        args.out_dir,
+        device=args.device,
+        growth=_growth(args),
+        world=args.world,
+        previews=args.previews,
+    )
+    print(
+        f"{len(report.written)} written, {len(report.skipped)} already done, "
+        f"{len(report.failed)} failed (of {len(cases)} cases, all ranks)"
+    )
+    if report.failed:
+        for image, msg in report.failed:
+            print(f"  {image}: {msg}", file=sys.stderr)
+        raise Sam3DError(f"{len(report.failed)} case(s) failed")
+
+
+def _add_growth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument(
+        "--no-grow", action="store_true", help="one window only (lesions beyond it are cut)"
+    )
+    p.add_argument(
+        "--max-extent-mm",
+        type=float,
+        default=384.0,
+        help="largest extent the windows may grow to along any axis",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +166,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, help="NIfTI volume (.nii.gz / .nii)")
     p.add_argument("--label", type=Path, help="label volume on the same voxel grid")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "segment",
+        help="segment a tumour in a NIfTI volume from clicks (automatic without clicks)",
+    )
+    p.add_argument("image", type=Path, help="NIfTI volume (.nii.gz / .nii)")
+    p.add_argument(
+        "--click",
+        action="append",
+        type=_point,
+        default=[],
+        metavar="I,J,K",
+        help="positive click: voxel indices of the image (RAS mm with --world); repeatable",
+    )
+    p.add_argument(
+        "--negative",
+        action="append",
+        type=_point,
+        default=[],
+        metavar="I,J,K",
+        help="negative click (not tumour); repeatable",
+    )
+    p.add_argument("--world", action="store_true", help="clicks are world millimetres (RAS)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument("--out", required=True, type=Path, help="output mask .nii.gz")
+    p.add_argument("--preview", type=Path, help="also write a PNG preview (three slices)")
+    _add_growth_args(p)
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "segment-batch",
+        help="segment a folder or datalist of volumes (resumable; sharded under torchrun)",
+    )
+    p.add_argument("input", type=Path, help="folder of .nii.gz files or a datalist JSON")
+    p.add_argument("--key", help="datalist key (default: test/testing/validation/training)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--world", action="store_true", help="datalist points are RAS mm")
+    p.add_argument("--previews", action="store_true", help="a PNG beside every mask")
+    _add_growth_args(p)
+    p.set_defaults(func=_cmd_segment_batch)
     return parser
 
 

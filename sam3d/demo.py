@@ -90,6 +90,7 @@ def step_preview(state: DemoState) -> None:
 def step_segment(state: DemoState) -> None:
     """Segment a held-out phantom from one click inside its tumour with the trained model."""
     from sam3d.data.io import load_image_label
+    from sam3d.inference import WindowGrowth
     from sam3d.inference.segment import segment_file
 
     checkpoint = state.outputs.get("checkpoint")
@@ -119,7 +120,14 @@ def step_segment(state: DemoState) -> None:
     mask_path = state.out / "segment_mask.nii.gz"
     preview_path = state.out / "segment_preview.png"
     state.log(f"segmenting {image_path.name} from one click at voxel {click}")
-    session = segment_file(image_path, checkpoint, mask_path, clicks=[click], preview=preview_path)
+    session = segment_file(
+        image_path,
+        checkpoint,
+        mask_path,
+        clicks=[click],
+        preview=preview_path,
+        growth=WindowGrowth(max_extent_mm=96.0),  # phantom lesions are at most 60 mm
+    )
     mask = session.mask_numpy().astype(bool)
     dice = 2 * (mask & tumour).sum() / max(1, mask.sum() + tumour.sum())
     state.log(f"tumour Dice against the phantom's label: {dice:.3f} ({int(mask.sum())} voxels)")
