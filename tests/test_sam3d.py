@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SAM
+from conftest import TINY_SAM, requires_cuda
 
 from sam3d.errors import Sam3DError
 from sam3d.models import (
@@ -195,3 +195,38 @@ def test_foreign_checkpoints_give_clear_errors(tiny, tiny_sam_checkpoint, tmp_pa
     torch.save({"preset": "vit_b", "state_dict": tiny.state_dict()}, wrong)
     with pytest.raises(Sam3DError, match="do not fit preset 'vit_b'"):
         load_sam3d_checkpoint(wrong)
+
+
+@requires_cuda
+def test_cuda_bf16_runs_on_fused_attention_kernels_and_tracks_float32():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = build_sam3d("tiny").cuda().eval()
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda")
+    p = torch.tensor([[[5.0, 6.0, 7.0], [20.0, 9.0, 3.0]]] * 2, device="cuda")
+    lab = torch.tensor([[1, 0], [1, -1]], device="cuda")
+    with torch.no_grad():
+        ref = model(x, p, lab)
+        # no math fallback allowed: flash / memory-efficient kernels must take our shapes
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low = model(x, p, lab)
+    assert low.shape == ref.shape
+    assert (low.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+@requires_cuda
+def test_cuda_training_step_with_checkpointing_matches_without():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 32, device="cuda")
+    p, lab = _clicks((8.0, 9.0, 10.0))
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = build_sam3d("tiny", use_checkpoint=flag).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, p.cuda(), lab.cuda())
+        out.float().square().mean().backward()
+        grads.append(model.encoder.blocks[0].adapter.linear1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-4)
