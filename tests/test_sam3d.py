@@ -60,6 +60,18 @@ def test_encode_once_prompt_many_equals_forward(tiny):
             torch.testing.assert_close(tiny.decode(feats, p, lab), tiny(x, p, lab))
 
 
+def test_features_of_one_item_can_be_selected_and_moved(tiny):
+    x = torch.randn(2, 1, 32, 32, 32)
+    p, lab = _clicks((12.0, 13.0, 14.0))
+    with torch.no_grad():
+        feats = tiny.encode(x)
+        both = tiny.decode(feats, p.expand(2, -1, -1), lab.expand(2, -1))
+        second = tiny.decode(feats.select(1).to(torch.float32), p, lab)
+    torch.testing.assert_close(second, both[1:], rtol=1e-4, atol=1e-5)
+    assert feats.prompt_map.shape == (2, 32, 8, 8, 8)
+    assert feats.context.shape == (2, 16, 16, 16, 16)
+
+
 def test_negative_click_changes_the_output(tiny):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():

@@ -61,28 +61,27 @@ class Sam3DFeatures:
     """What :meth:`Sam3D.encode` keeps for prompting: keep it, prompt it again and again.
 
     Attributes:
-        maps: neck maps ``B x neck_dim x h x w x d`` after the neck blocks (the last one is
-            the one the clicks prompt).
-        image_small: the crop downsampled x2, ``B x 1 x H/2 x W/2 x D/2``.
+        prompt_map: the last neck map ``B x neck_dim x h x w x d``, which the clicks prompt.
+        context: the decoder's click-independent part (the other neck maps and the crop
+            downsampled x2, through their heads and the fuse conv), ``B x decoder_dim x 2h x
+            2w x 2d``; see :meth:`MLADecoder3D.context`.
         image_shape: the crop's ``(H, W, D)`` in voxels.
     """
 
-    maps: list[torch.Tensor]
-    image_small: torch.Tensor
+    prompt_map: torch.Tensor
+    context: torch.Tensor
     image_shape: tuple[int, int, int]
 
     def to(self, *args, **kwargs) -> Sam3DFeatures:
         return Sam3DFeatures(
-            [m.to(*args, **kwargs) for m in self.maps],
-            self.image_small.to(*args, **kwargs),
-            self.image_shape,
+            self.prompt_map.to(*args, **kwargs), self.context.to(*args, **kwargs), self.image_shape
         )
 
     def select(self, index: int | slice | torch.Tensor) -> Sam3DFeatures:
         """Features of some batch items (e.g. ``features.select(slice(0, 1))``)."""
-        return Sam3DFeatures(
-            [m[index] for m in self.maps], self.image_small[index], self.image_shape
-        )
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Sam3DFeatures(self.prompt_map[index], self.context[index], self.image_shape)
 
 
 class Sam3D(nn.Module):
@@ -121,11 +120,11 @@ class Sam3D(nn.Module):
         vpt = self.voxels_per_token
         if any(s % vpt for s in shape):
             raise ValueError(f"crop sides {shape} must be multiples of {vpt} voxels")
-        maps = self.encoder(images)
+        *levels, last = self.encoder(images)
         small = F.interpolate(
             images, size=tuple(s // 2 for s in shape), mode="trilinear", align_corners=False
         )
-        return Sam3DFeatures(maps, small, shape)
+        return Sam3DFeatures(last, self.decoder.context(levels, small), shape)
 
     def decode(
         self,
@@ -145,9 +144,10 @@ class Sam3D(nn.Module):
         """
         if point_labels is None:
             point_labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
-        *levels, last = features.maps
-        prompted = self.prompt_encoder(last, points, point_labels, features.image_shape)
-        return self.decoder([*levels, prompted], features.image_small, features.image_shape)
+        prompted = self.prompt_encoder(
+            features.prompt_map, points, point_labels, features.image_shape
+        )
+        return self.decoder.decode(prompted, features.context, features.image_shape)
 
     def forward(
         self,
