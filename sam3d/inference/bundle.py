@@ -50,6 +50,8 @@ class ClickInferer(Inferer):
         overlap: sliding-window overlap of the automatic mode.
         sw_batch_size: windows per forward pass in the automatic mode.
         amp: bfloat16 autocast on CUDA.
+        output_device: where the automatic mode stitches the whole volume (the CPU, so
+            GPU memory does not grow with the volume).
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class ClickInferer(Inferer):
         overlap: float = 0.25,
         sw_batch_size: int = 2,
         amp: bool = True,
+        output_device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
+        self.output_device = torch.device(output_device)
         self.roi_size = roi_size
         self.growth = WindowGrowth(**growth) if isinstance(growth, Mapping) else growth
         self.overlap, self.sw_batch_size, self.amp = overlap, sw_batch_size, amp
@@ -97,11 +101,11 @@ class ClickInferer(Inferer):
                     overlap=self.overlap,
                     sw_batch_size=self.sw_batch_size,
                     sw_device=volume.device,
-                    device=volume.device,
+                    device=self.output_device,
                     amp=self.amp,
                 )
             outs.append(prob[None])
-        out = torch.stack(outs)
+        out = torch.stack([o.to(outs[0].device) for o in outs])
         if isinstance(inputs, MetaTensor):  # keep the transform trace for Invertd
             out = convert_to_dst_type(out, inputs, device=out.device)[0]
         return out
