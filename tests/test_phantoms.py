@@ -175,15 +175,16 @@ def test_unknown_orientation_is_refused():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_vessel_phantom_is_thin_connected_and_dark(seed):
-    vp = make_vessel_phantom(seed, size=(256, 256))
-    assert vp.image.dtype == np.float32 and vp.image.shape == (256, 256, 3)
+@pytest.mark.parametrize("size", [(256, 256), (96, 128)])
+def test_vessel_phantom_is_thin_connected_and_dark(seed, size):
+    vp = make_vessel_phantom(seed, size=size)
+    assert vp.image.dtype == np.float32 and vp.image.shape == (*size, 3)
     assert vp.image.min() >= 0 and vp.image.max() <= 1
     assert set(np.unique(vp.label)) == {0, 1}
     assert not vp.label[~vp.fov].any()
     assert ndimage.distance_transform_edt(vp.label).max() <= 3.5
     _, n = ndimage.label(vp.label, structure=np.ones((3, 3)))
-    assert 1 <= n <= vp.n_trees
+    assert n == vp.n_trees >= 2  # each tree is one 8-connected piece; trees never touch
     # vessels are darker than the background right next to them
     ring = ndimage.binary_dilation(vp.label, iterations=3) & ~vp.label.astype(bool) & vp.fov
     green = vp.image[..., 1]

@@ -97,7 +97,7 @@ class VesselPhantom:
     image: np.ndarray  # float32 (H, W, 3) in [0, 1], vessels darker
     label: np.ndarray  # uint8 (H, W) in {0, 1}
     fov: np.ndarray  # bool (H, W): the circular field of view
-    n_trees: int = 0
+    n_trees: int = 0  # number of drawn trees = 8-connected components of label
 
 
 # --------------------------------------------------------------------------- helpers
@@ -519,10 +519,11 @@ def _place_lesions(
 def make_vessel_phantom(seed: int, size: tuple[int, int] = (256, 256)) -> VesselPhantom:
     """A fundus-like RGB image with 2-4 dark branching vessel trees from an optic disc.
 
-    Trees are recursive random walks whose width (1-6 px) shrinks at each branching;
-    a branch stops at the edge of the circular field of view or before it would
-    touch another branch, so every tree is one 8-connected component and the
-    label's largest inscribed radius stays near half the widest vessel.
+    Trees are recursive random walks whose width (4-5 px at the root, at least 1 px)
+    shrinks at each branching; a branch stops at the edge of the circular field of
+    view or before it would touch another branch, so every tree is one 8-connected
+    component (``n_trees`` of them) and the label's largest inscribed radius stays
+    near half the widest vessel.
 
     Returns:
         VesselPhantom: image float32 (H, W, 3) in [0, 1], label uint8 (H, W), fov bool (H, W).
@@ -542,7 +543,8 @@ def make_vessel_phantom(seed: int, size: tuple[int, int] = (256, 256)) -> Vessel
     disc = np.array([cy + rng.uniform(-0.05, 0.05) * h, cx + side * 0.28 * min(h, w)])
     disc_r = 0.075 * min(h, w)
 
-    owner = np.zeros((h, w), dtype=np.int32)  # branch id + 1 of each painted pixel
+    owner = np.zeros((h, w), dtype=np.int32)  # branch id (from 1) of each painted pixel
+    tree_map = np.zeros((h, w), dtype=np.int32)  # tree id (from 1) of each painted pixel
     width_map = np.zeros((h, w), dtype=np.float32)
     n_trees = int(rng.integers(2, 5))
     # Arcades: temporal (towards the centre) up and down, then nasal up and down.
@@ -550,7 +552,9 @@ def make_vessel_phantom(seed: int, size: tuple[int, int] = (256, 256)) -> Vessel
     angles = [base - 0.9, base + 0.9, base + np.pi - 0.7, base + np.pi + 0.7][:n_trees]
     next_id = [0]
 
-    def walk(p: np.ndarray, angle: float, width: float, depth: int, grace: float) -> None:
+    def walk(
+        p: np.ndarray, angle: float, width: float, depth: int, grace: float, tree: int
+    ) -> None:
         bid = next_id[0] = next_id[0] + 1
         length = rng.uniform(25, 60) * px * (0.8**depth)
         step, travelled, curv = 0.5, 0.0, rng.normal(0, 0.01)
@@ -562,11 +566,15 @@ def make_vessel_phantom(seed: int, size: tuple[int, int] = (256, 256)) -> Vessel
             ys0, ys1 = int(max(0, np.floor(y0 - r - 2))), int(min(h, np.ceil(y0 + r + 3)))
             xs0, xs1 = int(max(0, np.floor(x0 - r - 2))), int(min(w, np.ceil(x0 + r + 3)))
             d = np.hypot(yy[ys0:ys1, xs0:xs1] - y0, xx[ys0:ys1, xs0:xs1] - x0)
-            own = owner[ys0:ys1, xs0:xs1]
-            if travelled > grace and np.any((d <= r + 1.5) & (own > 0) & (own != bid)):
-                return  # would touch another branch
+            own, trees = owner[ys0:ys1, xs0:xs1], tree_map[ys0:ys1, xs0:xs1]
+            near = d <= r + 1.5  # a one-pixel gap keeps trees and branches apart
+            if np.any(near & (trees > 0) & (trees != tree)):
+                return  # would touch another tree
+            if travelled > grace and np.any(near & (own > 0) & (own != bid)):
+                return  # would touch another branch of this tree
             hit = (d <= r) & (own == 0)
             own[hit] = bid
+            trees[hit] = tree
             width_map[ys0:ys1, xs0:xs1][hit] = width
             p = p + step * np.array([np.sin(angle), np.cos(angle)])
             curv = 0.9 * curv + rng.normal(0, 0.004)
@@ -583,16 +591,18 @@ def make_vessel_phantom(seed: int, size: tuple[int, int] = (256, 256)) -> Vessel
             width * rng.uniform(0.8, 0.9),
             depth + 1,
             g,
+            tree,
         )
         side_w = width * rng.uniform(0.45, 0.7)
         if side_w >= 1.0:
-            walk(p, angle - turn * np.deg2rad(rng.uniform(40, 75)), side_w, depth + 1, g)
+            walk(p, angle - turn * np.deg2rad(rng.uniform(40, 75)), side_w, depth + 1, g, tree)
 
-    for a0 in angles:
-        start = disc + (disc_r * 0.5) * np.array([np.sin(a0), np.cos(a0)])
-        walk(start, a0, rng.uniform(4.5, 5.5), 0, 0.0)
+    for tree, a0 in enumerate(angles, start=1):
+        start = disc + max(0.5 * disc_r, 8.0) * np.array([np.sin(a0), np.cos(a0)])
+        walk(start, a0, rng.uniform(4.0, 5.0), 0, 0.0, tree)
 
     label = ((owner > 0) & fov).astype(np.uint8)
+    n_trees = len(np.unique(tree_map[label > 0]))  # trees that found room to grow
 
     # Background: orange-red fundus colour, smooth texture, vignetting, bright disc, dark macula.
     tex = smooth_field(rng, (h, w), (1.0, 1.0), 24.0 * px)
