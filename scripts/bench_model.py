@@ -170,16 +170,19 @@ def main(argv: list[str] | None = None) -> dict:
     for b in args.batch:
         batch = make_batch(b, crop, device)
         t_inf, m_inf, t_dec = bench_inference(model, batch, device, amp, args.repeats, args.warmup)
-        print(f"ours  b={b} inference (encode+decode) {_fmt(t_inf, m_inf)}")
-        print(f"ours  b={b} decode only (new click)  {_fmt(t_dec, None)}")
+        print(f"ours  b={b} {'inference (encode + decode)':34s} {_fmt(t_inf, m_inf)}")
+        print(f"ours  b={b} {'decode only (a further click)':34s} {_fmt(t_dec, None)}")
         res = {"inference_ms": t_inf, "inference_gib": m_inf, "decode_ms": t_dec}
-        for ckpt in (False, True):
+        depth = len(model.encoder.blocks)
+        for ckpt in (False, depth // 2, True):
             model.encoder.use_checkpoint = ckpt
             t, m = bench_train_step(model, batch, device, amp, args.repeats, args.warmup)
-            tag = "train step, checkpointing" if ckpt else "train step              "
-            print(f"ours  b={b} {tag} {_fmt(t, m)}")
-            res[f"train{'_ckpt' if ckpt else ''}_ms"] = t
-            res[f"train{'_ckpt' if ckpt else ''}_gib"] = m
+            n = model.encoder.checkpointed_blocks
+            tag = f"train step, {n:2d}/{depth} blocks ckpt"
+            print(f"ours  b={b} {tag:34s} {_fmt(t, m)}")
+            res[f"train_ckpt{n}_ms"] = t
+            res[f"train_ckpt{n}_gib"] = m
+        res["train_ms"], res["train_gib"] = res["train_ckpt0_ms"], res["train_ckpt0_gib"]
         model.encoder.use_checkpoint = False
         results["ours"][b] = res
         del batch
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         t_inf, m_inf, _ = bench_inference(model, batch, device, False, reps, warm)
         t_tr, m_tr = bench_train_step(model, batch, device, False, reps, warm)
         model.set_reference(False)
-        print(f"ref   b=1 inference (anchor formulation, fp32) {_fmt(t_inf, m_inf)}")
-        print(f"ref   b=1 train step (anchor formulation, fp32) {_fmt(t_tr, m_tr)}")
+        print(f"ref   b=1 {'inference (anchor formulation, fp32)':34s} {_fmt(t_inf, m_inf)}")
+        print(f"ref   b=1 {'train step (anchor formulation)':34s} {_fmt(t_tr, m_tr)}")
         results["reference"] = {
             "inference_ms": t_inf,
             "inference_gib": m_inf,

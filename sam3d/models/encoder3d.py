@@ -321,7 +321,8 @@ class ImageEncoder3D(nn.Module):
         adapter_dim: adapter bottleneck width.
         neck_blocks: 1-based block numbers after which a neck map is taken.
         neck_dim: channels of the neck maps.
-        use_checkpoint: recompute blocks in backward (activation checkpointing).
+        use_checkpoint: recompute blocks in backward (activation checkpointing): True for
+            every block, an int ``k`` for the first ``k`` blocks (less memory, less recompute).
         freeze_sam: freeze the SAM-derived weights (patch conv, position, qkv/proj/MLP, h/w
             relative position) as the anchor does.
     """
@@ -343,7 +344,7 @@ class ImageEncoder3D(nn.Module):
         neck_blocks: Sequence[int] = (3, 6, 9, 12),
         neck_dim: int = 256,
         mlp_ratio: float = 4.0,
-        use_checkpoint: bool = False,
+        use_checkpoint: bool | int = False,
         freeze_sam: bool = True,
     ) -> None:
         super().__init__()
@@ -381,6 +382,14 @@ class ImageEncoder3D(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad = not (name in SAM_FROZEN_NAMES or name.endswith(SAM_FROZEN_SUFFIXES))
 
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many leading blocks ``use_checkpoint`` recomputes in backward."""
+        flag = self.use_checkpoint
+        if flag is True or flag is False:
+            return len(self.blocks) if flag else 0
+        return max(0, min(int(flag), len(self.blocks)))
+
     def position_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """``1 x h x w x d x C``: SAM's 2D embedding pooled to the token grid, plus depth."""
         h, w, d = grid
@@ -399,7 +408,7 @@ class ImageEncoder3D(nn.Module):
         x = x + self.position_embedding(tuple(x.shape[1:4])).to(x.dtype)
         maps = []
         for i, blk in enumerate(self.blocks, start=1):
-            if self.use_checkpoint and torch.is_grad_enabled():
+            if i <= self.checkpointed_blocks and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
