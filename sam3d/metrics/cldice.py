@@ -1,0 +1,86 @@
+"""clDice (centreline Dice) with a real, topology-preserving skeleton, on any device.
+
+``Tprec = |S(pred) & gt| / |S(pred)|``, ``Tsens = |S(gt) & pred| / |S(gt)|`` and
+``clDice = 2 Tprec Tsens / (Tprec + Tsens)``, with ``S`` the skeleton of
+:func:`sam3d.metrics.skeleton.skeletonize` (the reference uses scikit-image's).
+
+Conventions: both masks empty -> NaN; exactly one empty -> 0; ``Tprec + Tsens = 0``
+-> 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
+
+from sam3d.metrics.skeleton import skeletonize
+
+__all__ = ["ClDiceMetric", "cldice_from_skeletons", "compute_cldice"]
+
+
+def cldice_from_skeletons(
+    pred: torch.Tensor, gt: torch.Tensor, skel_pred: torch.Tensor, skel_gt: torch.Tensor, d: int
+) -> torch.Tensor:
+    """clDice from masks and their skeletons, all ``... x spatial`` bool; returns ``...``."""
+    dims = tuple(range(pred.ndim - d, pred.ndim))
+    sp, sg = skel_pred.sum(dims).double(), skel_gt.sum(dims).double()
+    tprec = (skel_pred & gt).sum(dims).double() / sp
+    tsens = (skel_gt & pred).sum(dims).double() / sg
+    score = 2 * tprec * tsens / (tprec + tsens)
+    p_empty, g_empty = ~pred.flatten(-d).any(-1), ~gt.flatten(-d).any(-1)
+    score = torch.where(p_empty ^ g_empty, torch.zeros_like(score), score)
+    score = torch.where(
+        ~p_empty & ~g_empty & ((tprec + tsens) == 0), torch.zeros_like(score), score
+    )
+    return torch.where(p_empty & g_empty, torch.full_like(score, float("nan")), score)
+
+
+def compute_cldice(
+    pred: torch.Tensor, gt: torch.Tensor, spatial_dims: int | None = None
+) -> torch.Tensor:
+    """clDice of binary masks ``spatial`` or ``... x spatial`` (2D or 3D), float64 ``...``.
+
+    Args:
+        pred, gt: bool or 0/1 tensors of one shape, on any device.
+        spatial_dims: 2 or 3; default ``pred.ndim`` (give it for batched input).
+    """
+    d = spatial_dims or pred.ndim
+    p = pred > 0 if pred.dtype != torch.bool else pred
+    g = gt > 0 if gt.dtype != torch.bool else gt
+    return cldice_from_skeletons(p, g, skeletonize(p, d), skeletonize(g, d), d)
+
+
+class ClDiceMetric(CumulativeIterationMetric):
+    """Cumulative clDice, ``B x C`` per call, for ``B x C x spatial`` binarised inputs.
+
+    Args:
+        include_background: keep channel 0 when there are several channels.
+        reduction, get_not_nans: as in MONAI's metrics (NaN cases are skipped).
+    """
+
+    def __init__(
+        self,
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if not self.include_background and y_pred.shape[1] > 1:
+            y_pred, y = y_pred[:, 1:], y[:, 1:]
+        return compute_cldice(y_pred, y, spatial_dims=y_pred.ndim - 2).float()
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
