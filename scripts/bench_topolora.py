@@ -8,8 +8,9 @@ parameters, and the ratios to the reference.
     python scripts/bench_topolora.py                      # H100: vit_b, 1024^2, batch 4, bf16
     python scripts/bench_topolora.py --device cpu --preset tiny --batch 1 --steps 2
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak
-resident set (VmHWM, reset between variants) on the CPU.
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (all variants in this
+process) and, on the CPU, the peak resident set (VmHWM) of a fresh process per variant
+(freed CPU memory is not returned to the OS, so one process could not compare them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,10 +65,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_variant(preset: str, lora: bool, fused: bool, ckpt: bool) -> TopoLoRASam:
+def _run_isolated(name: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        argv = [sys.executable, __file__, "--device", args.device, "--preset", args.preset,
+                "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--variant", name, "--json", str(out)]  # fmt: skip
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["rows"][0]
+
+
+def build_variant(preset: str, size: int, lora: bool, fused: bool, ckpt: bool) -> TopoLoRASam:
     torch.manual_seed(0)
     model = TopoLoRASam(
-        build_sam(preset),
+        build_sam(preset, image_size=size),
         lora_targets=("*.mlp.lin1", "*.mlp.lin2") if lora else (),
         fused_attention=fused,
         checkpoint_encoder=ckpt,
@@ -86,7 +100,12 @@ def bench(args: argparse.Namespace) -> list[dict]:
     for name, (lora, fused, ckpt) in VARIANTS.items():
         if args.only and not any(o.lower() in name.lower() for o in args.only):
             continue
-        model = build_variant(args.preset, lora, fused, ckpt).to(device).train()
+        if args.variant is not None and name != args.variant:
+            continue
+        if device.type == "cpu" and args.variant is None:
+            rows.append(_run_isolated(name, args))  # a fresh process: an honest peak RSS
+            continue
+        model = build_variant(args.preset, args.size, lora, fused, ckpt).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
         _reset_peak(device)
@@ -124,12 +143,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="vit_b", help="SAM preset: vit_b, vit_l, vit_h, tiny")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--size", type=int, default=1024, help="input side (SAM's input is 1024)")
+    ap.add_argument("--size", type=int, default=1024, help="SAM input side (1024 as SAM)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     ap.add_argument("--only", nargs="*", help="run only variants whose name contains these")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant (CPU isolation)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device(args.device)
