@@ -41,6 +41,9 @@ from sam3d.models.blocks import (
 # The anchor's shift-mask value: logits of tokens from another region get -100.
 MASK_PENALTY = 100.0
 
+# (grid, pads, shift, window, device) -> per-window region ids and padding, built once.
+_MASK_CACHE: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
 
 def upsample_fold_matrix(patch_size: int, upsample: int) -> tuple[torch.Tensor, int, int]:
     """1D weights of ``upsample x`` linear interpolation seen by one patch of ``patch_size``.
@@ -177,15 +180,28 @@ class WindowAttention3D(nn.Module):
     def _window_masks(
         self, b: int, grid: tuple[int, int, int], pads: tuple[int, int, int], device
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Per-window region ids ``(B*nW) x n x 3`` (shifted blocks) and padding ``(B*nW) x n``."""
-        ws = self.window_size
-        regions = None
-        if self.shift:
-            r = shift_regions(grid, ws, self.shift).to(device)
-            regions = window_partition3d(r[None], ws).repeat(b, 1, 1)
-        pad = padding_indicator(grid, pads, self.shift)
+        """Per-window region ids ``(B*nW) x n x 3`` (shifted blocks) and padding ``(B*nW) x n``.
+
+        Built once per grid and device (a small cache on the module, not state).
+        """
+        key = (grid, pads, self.shift, self.window_size, str(device))
+        if key not in _MASK_CACHE:
+            ws = self.window_size
+            regions = pad = None
+            if self.shift:
+                r = shift_regions(grid, ws, self.shift)
+                regions = window_partition3d(r[None], ws).to(device)
+            pad_grid = padding_indicator(grid, pads, self.shift)
+            if pad_grid is not None:
+                pad = window_partition3d(pad_grid[None, ..., None], ws)[..., 0].to(device)
+            if len(_MASK_CACHE) > 64:
+                _MASK_CACHE.clear()
+            _MASK_CACHE[key] = (regions, pad)
+        regions, pad = _MASK_CACHE[key]
+        if regions is not None:
+            regions = regions.repeat(b, 1, 1)
         if pad is not None:
-            pad = window_partition3d(pad.to(device)[None, ..., None], ws)[..., 0].repeat(b, 1)
+            pad = pad.repeat(b, 1)
         return regions, pad
 
     def _attend(
