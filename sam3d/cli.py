@@ -99,16 +99,17 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 def _cmd_segment_batch(args: argparse.Namespace) -> None:
     from sam3d.inference import load_model_for_inference
-    from sam3d.inference.batch import list_cases, segment_batch
+    from sam3d.inference.batch import list_cases, rank_device, segment_batch
 
     cases = list_cases(args.input, key=args.key)
-    model, meta = load_model_for_inference(args.checkpoint, args.device)
+    device = rank_device(args.device)  # under torchrun: cuda:LOCAL_RANK
+    model, meta = load_model_for_inference(args.checkpoint, device)
     report = segment_batch(
         model,
         meta["dataset"],
         cases,
         args.out_dir,
-        device=args.device,
+        device=device,
         growth=_growth(args),
         world=args.world,
         previews=args.previews,

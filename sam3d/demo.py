@@ -88,7 +88,11 @@ def step_preview(state: DemoState) -> None:
 
 
 def step_segment(state: DemoState) -> None:
-    """Segment a held-out phantom from one click inside its tumour with the trained model."""
+    """Segment a held-out phantom from one click inside its tumour with the trained model.
+
+    Windows grow up to 96 mm (phantom lesions are at most 60 mm across);
+    ``state.extras["segment_growth"]`` (a ``WindowGrowth``) overrides that.
+    """
     from sam3d.data.io import load_image_label
     from sam3d.inference import WindowGrowth
     from sam3d.inference.segment import segment_file
@@ -126,11 +130,12 @@ def step_segment(state: DemoState) -> None:
         mask_path,
         clicks=[click],
         preview=preview_path,
-        growth=WindowGrowth(max_extent_mm=96.0),  # phantom lesions are at most 60 mm
+        growth=state.extras.get("segment_growth", WindowGrowth(max_extent_mm=96.0)),
     )
     mask = session.mask_numpy().astype(bool)
     dice = 2 * (mask & tumour).sum() / max(1, mask.sum() + tumour.sum())
     state.log(f"tumour Dice against the phantom's label: {dice:.3f} ({int(mask.sum())} voxels)")
+    state.extras["segment_case"], state.extras["segment_click"] = image_path, click
     state.outputs["segment_mask"] = mask_path
     state.outputs["segment_preview"] = preview_path
     state.log(f"wrote {mask_path} and {preview_path}")

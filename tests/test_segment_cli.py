@@ -129,3 +129,25 @@ def test_segment_batch_shards_across_ranks_and_resumes(
     assert outputs[1].exists()
     assert outputs[0].stat().st_mtime_ns == mtimes[outputs[0]]
     assert outputs[2].stat().st_mtime_ns == mtimes[outputs[2]]
+
+
+def test_demo_segment_step_writes_mask_and_preview(tmp_path, trained_tiny_sam3d_checkpoint):
+    from sam3d.data.phantoms import write_phantom_dataset
+    from sam3d.demo import DemoState, step_segment
+    from sam3d.inference import WindowGrowth
+
+    state = DemoState(out=tmp_path)
+    state.outputs["dataset_json"] = write_phantom_dataset(
+        "ct", tmp_path / "phantoms", n=3, seed=0, shape_vox=(40, 40, 16), n_lesions=1
+    )
+    state.outputs["checkpoint"] = trained_tiny_sam3d_checkpoint
+    state.extras["segment_growth"] = WindowGrowth(enabled=False)
+    step_segment(state)
+    mask, preview = state.outputs["segment_mask"], state.outputs["segment_preview"]
+    assert mask == tmp_path / "segment_mask.nii.gz" and preview.read_bytes()[:8] == PNG_MAGIC
+    image, click = state.extras["segment_case"], state.extras["segment_click"]
+    label_path = str(image).replace("imagesTr", "labelsTr")
+    assert np.asarray(nib.load(label_path).dataobj)[click] == 2, "the click is not in a tumour"
+    ref, got = nib.load(image), nib.load(mask)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.affine, ref.affine, atol=1e-6)

@@ -85,6 +85,15 @@ def dist_rank() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def rank_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or this rank's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_rank()[2] % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 @dataclass
 class BatchReport:
     """What one rank did: outputs written, skipped (already there), failed (with messages)."""
@@ -109,14 +118,15 @@ def segment_batch(
 ) -> BatchReport:
     """Segment this rank's share of ``cases`` into ``out_dir``, skipping finished outputs.
 
+    ``model`` must be on ``rank_device(device)`` (load it there).
+
     A case that fails with a :class:`Sam3DError` (corrupt image, click outside it) is
     recorded in the report and the batch goes on.
     """
-    env_rank, env_world, local_rank = dist_rank()
+    env_rank, env_world, _ = dist_rank()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
-    if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = rank_device(device)
     report = BatchReport()
     mine = shard(list(cases), rank, world_size)
     bar = tqdm(mine, desc=f"segment [rank {rank}/{world_size}]", disable=not progress)
