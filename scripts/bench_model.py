@@ -194,9 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
         model.set_reference(True)
         batch = make_batch(1, crop, device)
         reps, warm = max(1, args.repeats // 3), 1
-        t_inf, m_inf, _ = bench_inference(model, batch, device, False, reps, warm)
-        t_tr, m_tr = bench_train_step(model, batch, device, False, reps, warm)
-        model.set_reference(False)
+        try:
+            t_inf, m_inf, _ = bench_inference(model, batch, device, False, reps, warm)
+            t_tr, m_tr = bench_train_step(model, batch, device, False, reps, warm)
+        except torch.OutOfMemoryError:
+            print("ref   b=1 anchor formulation: out of memory on this device")
+            return results
+        finally:
+            model.set_reference(False)
         print(f"ref   b=1 {'inference (anchor formulation, fp32)':34s} {_fmt(t_inf, m_inf)}")
         print(f"ref   b=1 {'train step (anchor formulation)':34s} {_fmt(t_tr, m_tr)}")
         results["reference"] = {
