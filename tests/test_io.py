@@ -90,8 +90,17 @@ def _bad_inputs(tmp: Path, volume: Path) -> dict[str, tuple[list[Path], str]]:
     moved[2, 3] += 0.01  # 10 micrometres off
     bad_affine = tmp / "label_affine.nii.gz"
     save_nifti(np.zeros((12, 10, 6)), moved, bad_affine, np.uint8)
+    flat = AFFINE.copy()
+    flat[:3, 1] = 0  # voxel size 0 along j
+    no_geometry = nib.Nifti1Image(np.zeros((12, 10, 6), np.float32), None)
+    no_geometry.set_sform(flat, code=1)
+    nib.save(no_geometry, str(tmp / "flat.nii.gz"))
     return {
         "missing": ([tmp / "nope.nii.gz"], "no such file"),
+        "no-geometry": (
+            [tmp / "flat.nii.gz"],
+            "no valid voxel geometry",
+        ),
         "folder": ([tmp], "is a folder"),
         "truncated": ([truncated], "truncated"),
         "random-bytes": ([random_bytes], "cannot read"),
@@ -109,6 +118,7 @@ def _bad_inputs(tmp: Path, volume: Path) -> dict[str, tuple[list[Path], str]]:
 
 CASES = [
     "missing",
+    "no-geometry",
     "folder",
     "truncated",
     "random-bytes",

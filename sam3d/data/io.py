@@ -3,8 +3,9 @@
 Reading goes through MONAI's ``LoadImage`` (NibabelReader for NIfTI), channel
 first, in the file's own orientation, and refuses anything that would only
 fail later with a confusing traceback: a missing or unreadable file, a
-truncated or corrupt NIfTI, an image that is not one 3D volume, NaN/Inf
-voxels, an image/label pair on different voxel grids. Each ends in one
+truncated or corrupt NIfTI, an image that is not one 3D volume, a header
+without a valid voxel geometry, NaN/Inf voxels, an image/label pair on
+different voxel grids. Each ends in one
 :class:`~sam3d.errors.Sam3DError` sentence.
 """
 
@@ -82,6 +83,26 @@ def _describe(e: BaseException) -> str:
     return msg[:200]
 
 
+def _check_geometry(path: Path, affine) -> None:
+    """Refuse a singular or non-finite voxel-to-world mapping.
+
+    MONAI quietly substitutes an identity affine when a NIfTI header's is singular,
+    so the header itself is checked too.
+    """
+    affines = [np.asarray(affine, dtype=float)]
+    if _is_nifti(path):
+        import nibabel as nib
+
+        affines.append(np.asarray(nib.load(str(path)).affine, dtype=float))
+    for a in affines:
+        linear = a[:3, :3]
+        if not np.isfinite(a).all() or abs(np.linalg.det(linear)) < 1e-9:
+            sizes = ", ".join(f"{v:.3g}" for v in np.linalg.norm(np.nan_to_num(linear), axis=0))
+            raise Sam3DError(
+                f"{path} has no valid voxel geometry in its header (voxel size {sizes} mm)"
+            )
+
+
 def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
     """Read an image as a channel-first MetaTensor in the file's own orientation.
 
@@ -121,6 +142,8 @@ def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
             )
     if min(shape) == 0:
         raise Sam3DError(f"{path} is empty (shape {shape[1:]})")
+    if img.ndim == 4:
+        _check_geometry(path, img.affine)
     finite = img.isfinite()
     if not bool(finite.all()):
         n_bad = int((~finite).sum())
