@@ -55,6 +55,7 @@ __all__ = [
     "checked",
     "load_datalist",
     "click_prepare_batch",
+    "window_start",
     "ClickCropInferer",
     "CentreClickNetwork",
     "GradientClipping",
@@ -253,7 +254,8 @@ def click_prepare_batch() -> PrepareBatchExtraInput:
     return PrepareBatchExtraInput(extra_keys={"points": "points", "point_labels": "point_labels"})
 
 
-def _window_start(centre: float, roi: int, size: int) -> int:
+def window_start(centre: float, roi: int, size: int) -> int:
+    """Start of a ``roi``-voxel window centred on ``centre``, shifted inside ``size`` voxels."""
     return int(min(max(round(centre) - roi // 2, 0), max(size - roi, 0)))
 
 
@@ -298,7 +300,7 @@ class ClickCropInferer(Inferer):
             lab = point_labels[b]
             chosen = pts[lab == 1] if bool((lab == 1).any()) else pts[lab >= 0][:1]
             centre = chosen.mean(0).tolist() if chosen.numel() else [s / 2 for s in spatial]
-            starts = [_window_start(c, r, s) for c, r, s in zip(centre, self.roi_size, spatial)]
+            starts = [window_start(c, r, s) for c, r, s in zip(centre, self.roi_size, spatial)]
             pad = [max(r - s, 0) for r, s in zip(self.roi_size, spatial)]
             vol = x[b : b + 1]
             if any(pad):

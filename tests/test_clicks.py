@@ -1,0 +1,120 @@
+"""Click simulation: where clicks land, padding, and seeding per case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from sam3d.data.clicks import RandSimulateClicksd, SimulateClicksd, case_seed, sample_clicks
+from sam3d.errors import Sam3DError
+
+
+def _label(shape=(20, 18, 16)) -> np.ndarray:
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[2:18, 2:16, 2:14] = 1  # organ
+    lab[8:12, 6:10, 5:9] = 2  # tumour: 4 x 4 x 4 = 64 voxels
+    return lab
+
+
+def _case(name: str, lab: np.ndarray | None = None) -> dict:
+    lab = _label() if lab is None else lab
+    t = MetaTensor(torch.from_numpy(lab)[None], meta={"filename_or_obj": f"/data/labelsTr/{name}"})
+    return {"label": t}
+
+
+def _at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    idx = points.astype(int)
+    return mask[idx[:, 0], idx[:, 1], idx[:, 2]]
+
+
+def test_positive_clicks_inside_tumour_negative_outside():
+    lab = _label()
+    tumour = lab == 2
+    points, labels = sample_clicks(tumour, 10, 20, np.random.default_rng(0))
+    assert points.shape == (30, 3) and points.dtype == np.float32
+    assert labels.tolist() == [1] * 10 + [0] * 20
+    assert np.all(points == np.round(points))  # voxel centres
+    assert _at(tumour, points[labels == 1]).all()
+    assert not _at(tumour, points[labels == 0]).any()
+
+
+def test_negatives_near_the_tumour_with_a_margin():
+    tumour = _label() == 2
+    points, labels = sample_clicks(tumour, 1, 200, np.random.default_rng(1), neg_margin_vox=2)
+    neg = points[labels == 0]
+    lo, hi = np.array([8, 6, 5]) - 2, np.array([11, 9, 8]) + 2  # tumour box +- margin
+    assert np.all(neg >= lo) and np.all(neg <= hi)
+    assert not _at(tumour, neg).any()
+
+
+def test_no_tumour_pads_positives_with_minus_one():
+    empty = np.zeros((8, 8, 8), dtype=bool)
+    points, labels = sample_clicks(empty, 3, 2, np.random.default_rng(0))
+    assert labels.tolist() == [0, 0, -1, -1, -1]
+    assert np.all(points[2:] == 0)
+
+
+def test_fewer_tumour_voxels_than_clicks_draws_with_replacement():
+    one = np.zeros((6, 6, 6), dtype=bool)
+    one[3, 2, 1] = True
+    points, labels = sample_clicks(one, 4, 0, np.random.default_rng(0))
+    assert labels.tolist() == [1] * 4 and np.all(points == [3, 2, 1])
+
+
+def test_seeded_clicks_depend_on_seed_and_case_name_only():
+    t = SimulateClicksd(keys="label", n_pos=3, n_neg=2, seed=7, tumour_label=2)
+    a1, b, a2 = t(_case("case_a.nii.gz")), t(_case("case_b.nii.gz")), t(_case("case_a.nii.gz"))
+    assert torch.equal(a1["points"], a2["points"])  # same case, any order, same clicks
+    assert not torch.equal(a1["points"], b["points"])
+    other = SimulateClicksd(keys="label", n_pos=3, n_neg=2, seed=8, tumour_label=2)
+    assert not torch.equal(a1["points"], other(_case("case_a.nii.gz"))["points"])
+    # the seed is the documented function of (seed, file name), independent of the folder
+    rng = np.random.default_rng(case_seed(7, "case_a.nii.gz"))
+    expected, _ = sample_clicks(_label() == 2, 3, 2, rng)
+    assert np.array_equal(a1["points"].numpy(), expected)
+    assert a1["point_labels"].dtype == torch.int64 and a1["points"].dtype == torch.float32
+    assert _at(_label() == 2, a1["points"].numpy()[:3]).all()
+
+
+def test_seeded_clicks_need_a_case_name():
+    t = SimulateClicksd(keys="label")
+    with pytest.raises(Sam3DError, match="case name"):
+        t({"label": torch.zeros(1, 4, 4, 4)})
+    named = SimulateClicksd(keys="label", case_key="name")
+    out = named({"label": torch.ones(1, 4, 4, 4), "name": "x"})
+    assert out["point_labels"].tolist() == [1]
+
+
+def test_seeded_clicks_are_not_randomizable_so_cachedataset_caches_them():
+    from monai.transforms import Randomizable
+
+    assert not isinstance(SimulateClicksd(), Randomizable)
+    assert isinstance(RandSimulateClicksd(), Randomizable)
+
+
+def test_random_training_clicks_are_reproducible_from_their_seed():
+    data = _case("c.nii.gz")
+    t = RandSimulateClicksd(keys="label", n_pos=10, n_neg=20, tumour_label=2)
+    t.set_random_state(seed=3)
+    first = [t(data)["points"] for _ in range(2)]
+    assert not torch.equal(first[0], first[1])  # fresh clicks every call
+    t.set_random_state(seed=3)
+    again = [t(data)["points"] for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    out = t(data)
+    tumour = _label() == 2
+    labels = out["point_labels"].numpy()
+    assert _at(tumour, out["points"].numpy()[labels == 1]).all()
+    assert not _at(tumour, out["points"].numpy()[labels == 0]).any()
+
+
+def test_clicks_collate_to_fixed_size_batches():
+    from monai.data import list_data_collate
+
+    t = SimulateClicksd(keys="label", n_pos=2, n_neg=3, tumour_label=2)
+    empty = np.zeros_like(_label())
+    batch = list_data_collate([t(_case("a.nii.gz")), t(_case("b.nii.gz", empty))])
+    assert batch["points"].shape == (2, 5, 3) and batch["point_labels"].shape == (2, 5)
+    assert batch["point_labels"][1].tolist() == [0, 0, 0, -1, -1]

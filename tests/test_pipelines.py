@@ -1,0 +1,136 @@
+"""Dataset presets and the MONAI transform chains (Python builders and the bundle's config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from sam3d.data import pipelines
+from sam3d.errors import Sam3DError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# REFERENCE.md section 1 (the anchor's data recipe), typed in by hand.
+EXPECTED = {
+    "kits": ((-54, 247), 59.54, 55.46, 2),
+    "lits": ((-48, 163), 60.06, 40.20, 2),
+    "pancreas": ((-39, 204), 68.45, 63.42, 2),
+    "colon": ((-57, 175), 65.18, 32.65, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, str]:
+    from sam3d.data.phantoms import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("pipeline_phantoms")
+    spec_path = write_phantom_dataset(
+        "ct", root, n=1, seed=3, shape_vox=(48, 48, 32), spacing_mm=(1.5, 1.5, 2.0),
+        n_lesions=1, orientation="LPS",
+    )  # fmt: skip
+    entry = json.loads(Path(spec_path).read_text())["training"][0]
+    return {k: str(root / v) for k, v in entry.items()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dataset_presets_follow_the_reference_recipe(name):
+    p = pipelines.load_dataset_preset(name)
+    window, mean, std, tumour = EXPECTED[name]
+    assert tuple(p["window_hu"]) == window and p["mean"] == mean and p["std"] == std
+    assert p["tumour_label"] == tumour
+    assert p["nsd_tolerance_mm"] == 5.0 and p["spacing_mm"] == [1.0, 1.0, 1.0]
+
+
+def test_preset_names_paths_and_errors(tmp_path):
+    assert pipelines.dataset_preset_names() == ["colon", "kits", "lits", "pancreas"]
+    custom = dict(pipelines.load_dataset_preset("kits"), tumour_label=5)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(custom))
+    assert pipelines.load_dataset_preset(path)["tumour_label"] == 5
+    with pytest.raises(Sam3DError, match="unknown dataset preset"):
+        pipelines.load_dataset_preset("spleen")
+    with pytest.raises(Sam3DError, match="lacks mean"):
+        pipelines.load_dataset_preset({k: v for k, v in custom.items() if k != "mean"})
+
+
+def test_window_then_zscore_by_hand():
+    p = pipelines.load_dataset_preset("kits")
+    chain = pipelines.intensity_transforms(p)
+    hu = torch.tensor([-1000.0, -54.0, 100.0, 247.0, 900.0]).reshape(1, 5, 1, 1)
+    out = {"image": hu}
+    for t in chain:
+        out = t(out)
+    expected = (np.clip([-1000, -54, 100, 247, 900], -54, 247) - 59.54) / 55.46
+    assert np.allclose(out["image"].flatten().numpy(), expected, atol=1e-5)
+    assert pipelines.air_value(p) == pytest.approx((-54 - 59.54) / 55.46)
+
+
+def test_val_chain_gives_ras_1mm_binary_tumour_and_a_click_inside_it(case):
+    p = pipelines.load_dataset_preset("kits")
+    out = pipelines.val_transforms(p, seed=0)(case)
+    img, lab = out["image"], out["label"]
+    assert img.shape[0] == 1 and img.shape == lab.shape
+    assert nib.aff2axcodes(img.affine.numpy()) == ("R", "A", "S")
+    assert np.allclose(np.linalg.norm(img.affine.numpy()[:3, :3], axis=0), 1.0)
+    assert set(torch.unique(lab).tolist()) == {0.0, 1.0}
+    # the tumour keeps its volume through resampling to 1 mm (nearest neighbour)
+    raw = nib.load(case["label"])
+    raw_mm3 = float((np.asarray(raw.dataobj) == 2).sum()) * 1.5 * 1.5 * 2.0
+    assert float(lab.sum()) == pytest.approx(raw_mm3, rel=0.25)
+    assert out["point_labels"].tolist() == [1]
+    i, j, k = out["points"][0].long().tolist()
+    assert lab[0, i, j, k] == 1
+    assert float(img.min()) >= pipelines.air_value(p) - 1e-5
+    again = pipelines.val_transforms(p, seed=0)(case)
+    assert torch.equal(again["points"], out["points"])
+
+
+def test_train_chain_gives_fixed_crops_with_clicks_on_the_right_side(case):
+    p = pipelines.load_dataset_preset("kits")
+    chain = pipelines.train_transforms(p, crop_size=32, n_pos=5, n_neg=7)
+    chain.set_random_state(seed=0)
+    n_with_tumour = 0
+    for _ in range(4):
+        (out,) = chain(case)
+        img, lab = out["image"], out["label"]
+        assert img.shape == (1, 32, 32, 32) and lab.shape == (1, 32, 32, 32)
+        pts, labels = out["points"], out["point_labels"]
+        assert pts.shape == (12, 3) and labels.shape == (12,)
+        assert float(pts.min()) >= 0 and float(pts.max()) <= 31
+        idx = pts.long()
+        at = lab[0, idx[:, 0], idx[:, 1], idx[:, 2]]
+        assert torch.all(at[labels == 1] == 1) and torch.all(at[labels == 0] == 0)
+        n_with_tumour += int(lab.sum() > 0)
+    assert n_with_tumour >= 1  # pos:neg 2:1 crops find the lesion
+
+
+def _config_chain(key: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
+    parser.update({"preset": "tiny", "seed": 0, "n_pos_clicks": 5, "n_neg_clicks": 7})
+    return parser.get_parsed_content(key)
+
+
+def test_bundle_config_chains_equal_the_python_builders(case):
+    p = pipelines.load_dataset_preset("kits")
+    ours, theirs = (
+        pipelines.val_transforms(p, seed=0)(case),
+        _config_chain("validate#preprocessing")(case),
+    )
+    for key in ("image", "label", "points", "point_labels"):
+        assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
+    py_chain = pipelines.train_transforms(p, crop_size=32, n_pos=5, n_neg=7)
+    cfg_chain = _config_chain("train#preprocessing")
+    py_chain.set_random_state(seed=11)
+    cfg_chain.set_random_state(seed=11)
+    for _ in range(2):
+        (a,), (b,) = py_chain(case), cfg_chain(case)
+        for key in ("image", "label", "points", "point_labels"):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
