@@ -184,6 +184,17 @@ def test_window_growth_stops_at_the_configured_extent():
     assert windows[:, 0].max() + 16 - windows[:, 0].min() <= 32
 
 
+def test_each_clicked_lesion_grows_within_its_own_extent():
+    # two 36 mm bars 16 mm apart; the limit (48 mm) applies to each seed's windows
+    a = (slice(4, 40), slice(10, 14), slice(10, 14))
+    b = (slice(56, 92), slice(10, 14), slice(10, 14))
+    image, truth = _volume((96, 24, 24), [a, b])
+    growth = WindowGrowth(max_extent_mm=48)
+    session = ClickSession(BrightComponentModel(16), image, KITS, device="cpu", growth=growth)
+    mask = session.add_clicks([(20, 12, 12), (74, 12, 12)], [1, 1]).numpy()
+    np.testing.assert_array_equal(mask, truth)
+
+
 def test_negative_click_removes_a_region():
     a = (slice(4, 8), slice(4, 8), slice(4, 8))
     b = (slice(9, 13), slice(9, 13), slice(9, 13))
@@ -239,3 +250,18 @@ def test_bundle_prompted_and_automatic(tmp_path, tiny, trained_tiny_sam3d_checkp
     auto = nib.load(tmp_path / "auto" / "oblique_seg.nii.gz")
     assert auto.shape == ref.shape
     np.testing.assert_array_equal(np.asarray(auto.dataobj), session.segment_all().numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_session_matches_the_cpu(tmp_path, tiny, trained_tiny_sam3d_checkpoint):
+    model_cpu, dataset = tiny
+    model_gpu, _ = load_model_for_inference(trained_tiny_sam3d_checkpoint, "cuda")
+    path, _ = _write_phantom(tmp_path, "oblique", seed=5)
+    cpu = ClickSession(model_cpu, path, dataset, device="cpu", growth=NO_GROWTH)
+    gpu = ClickSession(model_gpu, path, dataset, device="cuda", growth=NO_GROWTH, amp=False)
+    a, b = cpu.click((12, 12, 6)), gpu.click((12, 12, 6))
+    assert b.device.type == "cuda"
+    assert (a == b.cpu()).float().mean() > 0.999
+    torch.testing.assert_close(cpu.prob_grid, gpu.prob_grid.cpu(), atol=1e-3, rtol=0)
+    gpu.click((14, 12, 6), positive=False)
+    assert gpu.encode_calls == 1

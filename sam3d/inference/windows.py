@@ -34,8 +34,8 @@ class WindowGrowth:
 
     Args:
         enabled: add neighbouring windows while the lesion touches a window border.
-        max_extent_mm: the union of all windows never spans more than this along any
-            axis (the grid is 1 mm, so this is also voxels).
+        max_extent_mm: the windows grown from one seed window never span more than this
+            along any axis (the grid is 1 mm, so this is also voxels).
         max_windows: hard limit on the number of windows decoded for one prediction.
         overlap: fraction of a window shared with its neighbour (0.5: stride of half
             a window).
@@ -238,11 +238,13 @@ class WindowPredictor:
         points_vox = points_vox.float().cpu()
         labels = labels.long().cpu()
         stride = [max(1, round(r * (1 - g.overlap))) for r in roi]
-        queue: deque[tuple[Origin, list[list[float]]]] = deque((s, []) for s in seeds)
+        # each seed grows its own group of windows; the extent limit applies per group
+        queue: deque[tuple[Origin, list[list[float]], Origin]] = deque((s, [], s) for s in seeds)
         planned = set(seeds)
+        groups: dict[Origin, list[Origin]] = {s: [s] for s in seeds}
         probs: dict[Origin, torch.Tensor] = {}
         while queue:
-            origin, extra = queue.popleft()
+            origin, extra, root = queue.popleft()
             keep = inside(points_vox, origin, roi) & (labels >= 0)
             pts, lab = points_vox[keep], labels[keep]
             if extra:
@@ -263,9 +265,9 @@ class WindowPredictor:
                         continue
                     if len(planned) >= g.max_windows:
                         continue
+                    group = (*groups[root], new_origin)
                     span = [
-                        max(o[a] + roi[a] for o in (*planned, new_origin))
-                        - min(o[a] for o in (*planned, new_origin))
+                        max(o[a] + roi[a] for o in group) - min(o[a] for o in group)
                         for a in range(3)
                     ]
                     if max(span) > g.max_extent_mm:
@@ -274,7 +276,8 @@ class WindowPredictor:
                     if point is None:
                         continue
                     planned.add(new_origin)
-                    queue.append((new_origin, [point]))
+                    groups[root].append(new_origin)
+                    queue.append((new_origin, [point], root))
         return probs
 
     def stitch(self, probs: dict[Origin, torch.Tensor]) -> torch.Tensor:
