@@ -42,7 +42,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_info(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from sam3d.data.io import load_image, load_image_label, orientation_codes, spacing_from_affine
+    from sam3d.data.io import (
+        load_image,
+        load_image_label,
+        obliquity_deg,
+        orientation_codes,
+        spacing_from_affine,
+    )
 
     if args.label is None:
         image, label = load_image(args.image), None
@@ -52,7 +58,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"image:       {args.image}")
     print(f"shape:       {tuple(image.shape[1:])} (i, j, k)")
     print(f"spacing:     ({spacing}) mm")
-    print(f"orientation: {orientation_codes(image.affine)}")
+    tilt = obliquity_deg(image.affine)
+    oblique = f" (oblique: {tilt:.1f} degrees off the axes)" if tilt > 0.01 else ""
+    print(f"orientation: {orientation_codes(image.affine)}{oblique}")
     print(f"intensity:   {float(image.min()):.1f} .. {float(image.max()):.1f} (HU for CT)")
     if label is not None:
         values, counts = np.unique(label.numpy().astype(np.int64), return_counts=True)

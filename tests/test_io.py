@@ -190,3 +190,24 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_obliquity_of_axis_aligned_and_rotated_grids():
+    from sam3d.data.io import obliquity_deg
+    from sam3d.data.phantoms import _rotation
+
+    assert obliquity_deg(AFFINE) == pytest.approx(0.0, abs=1e-6)
+    tilted = np.eye(4)
+    tilted[:3, :3] = _rotation(np.array([0.0, 0.0, 1.0]), np.deg2rad(10.0)) @ np.diag([1, 2, 3])
+    assert obliquity_deg(tilted) == pytest.approx(10.0, abs=1e-6)
+    flipped = tilted.copy()
+    flipped[:, 0] *= -1  # a flip is still 10 degrees off its nearest axis codes
+    assert obliquity_deg(flipped) == pytest.approx(10.0, abs=1e-6)
+
+
+def test_info_reports_an_oblique_grid(tmp_path, capsys):
+    tilted = make_affine((2.0, 2.0, 3.0), (12, 10, 6), "oblique", rng=np.random.default_rng(1))
+    path = tmp_path / "oblique.nii.gz"
+    save_nifti(np.zeros((12, 10, 6)), tilted, path, np.int16)
+    assert main(["info", str(path)]) == 0
+    assert "(oblique: " in capsys.readouterr().out

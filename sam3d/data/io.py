@@ -68,6 +68,20 @@ def orientation_codes(affine) -> str:
     return "".join(nib.orientations.aff2axcodes(a))
 
 
+def obliquity_deg(affine) -> float:
+    """Angle (degrees) between the voxel axes and the nearest axis-aligned orientation."""
+    import nibabel as nib
+
+    a = np.asarray(affine, dtype=float)
+    rot = a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(a)
+    nearest = np.zeros((3, 3))
+    for vox_axis, (world_axis, flip) in enumerate(ornt):
+        nearest[int(world_axis), vox_axis] = flip
+    cos = (np.trace(nearest.T @ rot) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
