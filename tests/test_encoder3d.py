@@ -201,3 +201,65 @@ def test_bf16_autocast_runs_close_to_float32():
     for a, b in zip(ref, low):
         assert b.dtype in (torch.bfloat16, torch.float32)
         assert (a - b.float()).abs().mean() < 0.1 * a.abs().mean()
+
+
+def _anchor_block(blk, x):
+    """A 3DSAM-adapter block written out the anchor's way: explicit windows, the Swin mask
+    from region slices (-100 between regions), explicit attention with decomposed rel-pos."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    ad, at = blk.adapter, blk.attn
+    a = F.relu(ad.linear1(x))
+    a = F.relu(ad.conv(a.permute(0, 4, 1, 2, 3))).permute(0, 2, 3, 4, 1)
+    x = x + F.relu(ad.linear2(a))
+    shortcut = x
+    x = blk.norm1(x)
+    b, h, w, d, c = x.shape
+    ws, sh, nh = at.window_size, at.shift, at.num_heads
+    mask = None
+    if sh:
+        x = torch.roll(x, shifts=(-sh, -sh, -sh), dims=(1, 2, 3))
+        img = torch.zeros(h, w, d)
+        cuts = (slice(0, -ws), slice(-ws, -sh), slice(-sh, None))
+        cnt = 0
+        for s1 in cuts:
+            for s2 in cuts:
+                for s3 in cuts:
+                    img[s1, s2, s3] = cnt
+                    cnt += 1
+        mw = (
+            img.view(h // ws, ws, w // ws, ws, d // ws, ws)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(-1, ws**3)
+        )
+        mask = (mw[:, None, :] != mw[:, :, None]).double() * -100.0
+    win = x.view(b, h // ws, ws, w // ws, ws, d // ws, ws, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    win = win.reshape(-1, ws**3, c)
+    bw, n = win.shape[:2]
+    qkv = at.qkv(win).reshape(bw, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q * at.scale) @ k.transpose(-2, -1)
+    rq = q.reshape(bw, nh, ws, ws, ws, -1)
+    rh, rw, rd = (get_rel_pos(ws, ws, t) for t in (at.rel_pos_h, at.rel_pos_w, at.rel_pos_d))
+    attn = attn.view(bw, nh, ws, ws, ws, ws, ws, ws)
+    attn = attn + torch.einsum("bnhwdc,hkc->bnhwdk", rq, rh)[..., :, None, None]
+    attn = attn + torch.einsum("bnhwdc,wkc->bnhwdk", rq, rw)[..., None, :, None]
+    attn = attn + torch.einsum("bnhwdc,dkc->bnhwdk", rq, rd)[..., None, None, :]
+    attn = attn.reshape(bw, nh, n, n)
+    if mask is not None:
+        attn = (attn.view(b, -1, nh, n, n) + mask[None, :, None]).view(bw, nh, n, n)
+    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
+    out = at.proj(out).view(b, h // ws, w // ws, d // ws, ws, ws, ws, c)
+    x = out.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, h, w, d, c)
+    if sh:
+        x = torch.roll(x, shifts=(sh, sh, sh), dims=(1, 2, 3))
+    x = shortcut + x
+    return x + blk.mlp(blk.norm2(x))
+
+
+@pytest.mark.parametrize("block", [0, 1])  # block 0 shifts, block 1 does not
+def test_block_equals_the_anchor_block_written_out(block):
+    enc = _tiny_encoder(window_size=4, shift_size=2).double()
+    blk = enc.blocks[block]
+    x = torch.randn(2, 8, 8, 8, 16, dtype=torch.float64)
+    torch.testing.assert_close(blk(x), _anchor_block(blk, x), rtol=0, atol=1e-10)
