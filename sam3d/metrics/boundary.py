@@ -1,0 +1,114 @@
+"""Boundary F1 score (BFScore) with a tolerance in pixels or in mm.
+
+The boundary of a mask is the mask minus its erosion by the full 3x3 (3D: 3x3x3)
+neighbourhood, with the outside of the image counted as background (so a mask that
+touches the image border has boundary there). A boundary point of one mask is
+matched when a boundary point of the other lies within the tolerance (Euclidean, in
+mm with the given spacing; exact, via the tolerance ellipsoid of
+:mod:`sam3d.metrics.surface`). Precision = matched fraction of the predicted
+boundary, recall = matched fraction of the reference boundary, BF = 2PR / (P + R).
+
+Conventions: both masks empty -> NaN; exactly one empty -> 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
+
+from sam3d.metrics.surface import _within_tolerance
+
+__all__ = ["BoundaryF1Metric", "compute_bf_score", "mask_boundary"]
+
+
+def mask_boundary(mask: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """``mask xor erosion(mask)`` for ``N x spatial`` bool masks (outside = background)."""
+    pool = F.max_pool2d if spatial_dims == 2 else F.max_pool3d
+    m = mask.float().unsqueeze(1)
+    eroded = -pool(-F.pad(m, [1, 1] * spatial_dims, value=0.0), 3, stride=1)
+    return mask & ~(eroded.squeeze(1) > 0.5)
+
+
+def compute_bf_score(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    tolerance: float = 1.0,
+    spacing_mm: float | Sequence[float] | None = None,
+    spatial_dims: int | None = None,
+) -> torch.Tensor:
+    """Boundary F1 of binary masks ``... x spatial``, float64 ``...``.
+
+    Args:
+        tolerance: in pixels when ``spacing_mm`` is None, otherwise in mm.
+        spacing_mm: voxel spacing (``d`` values) for a tolerance in mm.
+        spatial_dims: 2 or 3; default ``pred.ndim`` (give it for batched input).
+    """
+    d = spatial_dims or pred.ndim
+    lead = pred.shape[: pred.ndim - d]
+    spatial = pred.shape[pred.ndim - d :]
+    p = (pred > 0 if pred.dtype != torch.bool else pred).reshape(-1, *spatial)
+    g = (gt > 0 if gt.dtype != torch.bool else gt).reshape(-1, *spatial)
+    n, dev = p.shape[0], p.device
+    spacing = torch.ones(d, dtype=torch.float64) if spacing_mm is None else spacing_mm
+    s = torch.as_tensor(spacing, dtype=torch.float64).expand(n, d).to(dev)
+    tol = torch.full((n,), float(tolerance), dtype=torch.float64, device=dev)
+    bp, bg = mask_boundary(p, d), mask_boundary(g, d)
+    matched = []
+    for src, dst in ((bp, bg), (bg, bp)):
+        idx = torch.nonzero(src)
+        hit = _within_tolerance(dst, idx, s, tol)
+        count = torch.zeros(n, dtype=torch.float64, device=dev)
+        count.index_add_(0, idx[:, 0], hit.double())
+        matched.append(count)
+    n_p = bp.flatten(1).sum(1).double()
+    n_g = bg.flatten(1).sum(1).double()
+    precision, recall = matched[0] / n_p, matched[1] / n_g
+    bf = 2 * precision * recall / (precision + recall)
+    bf = torch.where((precision + recall) == 0, torch.zeros_like(bf), bf)
+    bf = torch.where((n_p == 0) ^ (n_g == 0), torch.zeros_like(bf), bf)
+    bf = torch.where((n_p == 0) & (n_g == 0), torch.full_like(bf, float("nan")), bf)
+    return bf.reshape(lead)
+
+
+class BoundaryF1Metric(CumulativeIterationMetric):
+    """Cumulative BFScore, ``B x C`` per call, for ``B x C x spatial`` binarised inputs.
+
+    Args:
+        tolerance: pixels, or mm when ``spacing_mm`` is given.
+        spacing_mm: voxel spacing for a tolerance in mm.
+    """
+
+    def __init__(
+        self,
+        tolerance: float = 1.0,
+        spacing_mm: Sequence[float] | None = None,
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tolerance = tolerance
+        self.spacing_mm = spacing_mm
+        self.include_background = include_background
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if not self.include_background and y_pred.shape[1] > 1:
+            y_pred, y = y_pred[:, 1:], y[:, 1:]
+        return compute_bf_score(
+            y_pred, y, self.tolerance, self.spacing_mm, spatial_dims=y_pred.ndim - 2
+        ).float()
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
