@@ -268,9 +268,13 @@ def test_save_executed_config_writes_the_parsed_config_with_overrides(tmp_path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(
-        {"imports": ["$import sam3d.engine"], "lr": 0.1, "out": str(tmp_path / "cfg.json"),
-         "save": "$sam3d.engine.save_executed_config(@out)"}
-    )  # fmt: skip
+        {
+            "imports": ["$import sam3d", "$import sam3d.engine"],
+            "lr": 0.1,
+            "out": str(tmp_path / "cfg.json"),
+            "save": "$sam3d.engine.save_executed_config(@out)",
+        }
+    )
     parser["lr"] = 0.5  # a command-line override
     assert parser.get_parsed_content("save") == str(tmp_path / "cfg.json")
     saved = json.loads((tmp_path / "cfg.json").read_text())
