@@ -55,7 +55,7 @@ TISSUE_HU = {
 }
 # Amplitude (HU) of the smooth texture per tissue.
 TEXTURE_HU = {"fat": 8.0, "muscle": 6.0, "bowel": 12.0, "liver": 5.0, "organ": 4.0}
-LESION_CONTRAST_HU = (35.0, 75.0)  # |tumour - organ|, before blur and noise
+LESION_CONTRAST_HU = (35.0, 72.0)  # |tumour - organ|, before blur and noise
 LESION_DIAMETER_MM = (10.0, 60.0)
 NOMINAL_FOV_MM = 300.0  # in-plane field of view the nominal anatomy is sized for
 SLICE_SPACINGS_MM = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
@@ -286,7 +286,7 @@ def make_ct_phantom(
         orientation: "RAS", "LPS", "oblique" or any axis codes; None: drawn.
         n_lesions: 0-3 lesions when None. Each is a union of balls inside a bounding ball
             10-60 mm (and at least 3 voxels) across, clipped to the organ, with an HU
-            contrast of 35-75 against it. Fewer are placed when the organ has no room.
+            contrast of 35-72 against it. Fewer are placed when the organ has no room.
         fov_mm: in-plane field of view the anatomy is sized for; anatomy shrinks
             (never grows) when the grid covers less than this.
         noise_hu: standard deviation of the (slightly smoothed) noise; None: 8-18 HU.
@@ -400,17 +400,16 @@ def make_ct_phantom(
         _paint(tissue, T["organ"], box, m)
         _paint(label, 1, box, m)
 
-    lesions = _place_lesions(rng, label, tissue, grid, spacing, n_lesions, hu["organ"])
+    lesions = _place_lesions(rng, label, tissue, grid, spacing, n_lesions)
 
     # Intensities: per-tissue HU + texture, lesions, then smoothed noise.
     lut = np.array([hu[name] for name in TISSUES], dtype=np.float32)
     amp = np.array([TEXTURE_HU.get(name, 0.0) for name in TISSUES], dtype=np.float32)
     texture = smooth_field(rng, shape, spacing, 6.0)
     image = lut[tissue] + amp[tissue] * texture
+    for les, (box, m) in lesions:  # each lesion its own contrast, a little heterogeneous
+        image[box][m] = hu["organ"] + les.contrast_hu + 3.0 * texture[box][m]
     del texture
-    for les, mask_box in lesions:
-        box, m = mask_box
-        image[box][m] = hu["organ"] + les.contrast_hu
     sigma_vox = (0.6, 0.6, 0.0)
     noise_sd = float(rng.uniform(8.0, 18.0)) if noise_hu is None else float(noise_hu)
     image += rng.standard_normal(shape, dtype=np.float32) * np.float32(
@@ -447,7 +446,6 @@ def _place_lesions(
     grid: _Grid,
     spacing: tuple[float, float, float],
     n_lesions: int | None,
-    organ_hu: float,
 ) -> list[tuple[Lesion, tuple[tuple[slice, slice, slice], np.ndarray]]]:
     """Lobulated lesions (unions of balls that all contain the centre) inside the organ.
 
