@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def train_for(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             steps += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if time.perf_counter() - start >= budget_s:
                 break
     if device.type == "cuda":
@@ -170,8 +171,12 @@ def main() -> None:
         train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
         drop_last=len(train_ds) >= args.batch_size,
     )  # fmt: skip
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"device: {device} ({name or 'cpu'}), torch {torch.__version__}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        load = os.getloadavg()[0]
+        name = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load {load:.1f}"
+    print(f"device: {device} ({name}), torch {torch.__version__}")
     print(
         f"data: {len(train_list)} train / {len(test_list)} held-out phantoms "
         f"{tuple(args.shape)} at {tuple(args.spacing)} mm, crop {crop}^3, cached in {cache_s:.0f} s"

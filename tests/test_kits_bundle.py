@@ -166,9 +166,11 @@ def test_user_command_generates_phantoms_trains_validates_and_resumes_after_sigk
         assert 0.0 <= m.value <= 1.0
 
     # evaluate.json scores the best checkpoint on the test split, one CSV row per case
-    _run(
-        [PY, "-m", "monai.bundle", "run", "--config_file",
-         f"['{TRAIN}','{BUNDLE / 'evaluate.json'}']", *_tiny_args(root)]
+    from monai.bundle import run
+
+    run(
+        config_file=[TRAIN, str(BUNDLE / "evaluate.json")], logging_file=False,
+        bundle_root=str(root), num_workers=0,
     )  # fmt: skip
     spec = json.loads((root / "data" / "phantoms" / "dataset.json").read_text())
     rows = (root / "eval" / "metrics_test.csv").read_text().strip().splitlines()
