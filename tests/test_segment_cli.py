@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from sam3d.cli import main
 from sam3d.data.phantoms import make_ct_phantom
@@ -60,6 +61,8 @@ def test_segment_writes_mask_and_preview(tmp_path, trained_tiny_sam3d_checkpoint
         ("truncated_image", "cannot read"),
         ("image_2d", "3D volume is required"),
         ("missing_image", "not found"),
+        ("output_under_a_file", "is not a folder"),
+        ("unknown_device", "device"),
     ],
 )
 def test_bad_input_gives_one_message_exit_2_and_no_file(
@@ -83,6 +86,11 @@ def test_bad_input_gives_one_message_exit_2_and_no_file(
     elif case == "missing_image":
         image = tmp_path / "absent.nii.gz"
     out, preview = tmp_path / "out" / "mask.nii.gz", tmp_path / "out" / "preview.png"
+    if case == "output_under_a_file":
+        (tmp_path / "out").write_text("a file, not a folder")
+        out = tmp_path / "out" / "sub" / "mask.nii.gz"
+    elif case == "unknown_device":
+        click += ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"]
     rc = _segment(image, ckpt, out, *click, "--preview", str(preview))
     err = capsys.readouterr().err
     assert rc == 2
@@ -91,7 +99,7 @@ def test_bad_input_gives_one_message_exit_2_and_no_file(
     assert message in lines[0]
     assert "Traceback" not in err
     assert not out.exists() and not preview.exists()
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").is_dir() or not any((tmp_path / "out").iterdir())
 
 
 def test_segment_batch_shards_across_ranks_and_resumes(

@@ -36,6 +36,9 @@ def segment_file(
         raise Sam3DError(f"the output must be a .nii.gz or .nii file, got {out}")
     if preview is not None and Path(preview).suffix.lower() != ".png":
         raise Sam3DError(f"the preview must be a .png file, got {preview}")
+    for target in (out, preview):
+        if target is not None:
+            _check_writable(Path(target))
     if not Path(checkpoint).is_file():
         raise Sam3DError(f"checkpoint not found: {checkpoint}")
     if not Path(image).is_file():
@@ -54,3 +57,16 @@ def segment_file(
     if preview is not None:
         session.save_preview(preview, title=Path(image).name)
     return session
+
+
+def _check_writable(path: Path) -> None:
+    """Raise :class:`Sam3DError` unless ``path`` can be created (its folder may not exist yet)."""
+    if path.is_dir():
+        raise Sam3DError(f"cannot write {path}: it is a folder")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise Sam3DError(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Sam3DError(f"cannot write {path}: permission denied in {parent}")

@@ -59,7 +59,13 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or CUDA when available, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise Sam3DError(f"unknown device {str(device)!r} (use cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Sam3DError("CUDA was asked for but no CUDA GPU is available; use --device cpu")
+    return device
 
 
 @dataclass
