@@ -49,10 +49,11 @@ def load_model_for_inference(
     """A trained Sam3D checkpoint -> (model in eval mode on ``device``, meta with ``dataset``)."""
     from sam3d.models import load_sam3d_checkpoint
 
+    device = default_device(device)  # refuse an unavailable device before loading
     if not Path(checkpoint).is_file():
         raise Sam3DError(f"checkpoint not found: {checkpoint}")
     model, meta = load_sam3d_checkpoint(checkpoint)
-    return model.to(default_device(device)).eval(), dict(meta)
+    return model.to(device).eval(), dict(meta)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
