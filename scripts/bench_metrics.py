@@ -3,9 +3,10 @@
     python scripts/bench_metrics.py [--device cuda|cpu] [--size 512 512 160]
                                     [--spacing 0.8 0.8 2.5] [--tolerance 2] [--repeats 3]
 
-The label pair: the organ + lesion label of a CT phantom (``make_ct_phantom``) and a
-"prediction" made from it by eating and growing the boundary with a smooth random
-field (a realistic 1-3 voxel disagreement). Times, per metric:
+The label pair (``--pair``): a large lobulated body-like outline (default) or the
+kidney + lesion label of a CT phantom, and a "prediction" made from it by eating and
+growing the boundary with a smooth random field (a 1-3 voxel disagreement). Times,
+per metric:
 
 - NSD: ours (on ``--device``) against MONAI ``compute_surface_dice(use_subvoxels=True)``
   on the same device (it uses cuCIM there when installed, scipy otherwise) and
@@ -55,11 +56,25 @@ def _time(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, o
     return statistics.median(times), out
 
 
-def make_pair(size, spacing_mm, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(reference, prediction) bool masks of ``size`` voxels."""
-    ph = make_ct_phantom(seed, shape_vox=tuple(size), spacing_mm=tuple(spacing_mm))
-    gt = ph.label > 0
-    rng = np.random.default_rng(seed + 1)
+def make_pair(size, spacing_mm, kind: str = "body", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, prediction) bool masks of ``size`` voxels.
+
+    ``body``: one large lobulated ellipsoid filling much of the field of view (like a
+    body or liver outline: a large surface, as the reference measurements used);
+    ``kidneys``: the organ + lesion label of a CT phantom (small surfaces).
+    The prediction eats and grows the reference's boundary by 1-3 voxels where a
+    smooth random field is high / low.
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "kidneys":
+        ph = make_ct_phantom(seed, shape_vox=tuple(size), spacing_mm=tuple(spacing_mm))
+        gt = ph.label > 0
+    else:
+        grid = np.ogrid[tuple(slice(0, n) for n in size)]
+        radius = [0.40 * size[0], 0.33 * size[1], 0.42 * size[2]]
+        r2 = sum(((g - n / 2) / r) ** 2 for g, n, r in zip(grid, size, radius))
+        lobes = smooth_field(rng, tuple(size), tuple(spacing_mm), 30.0)
+        gt = r2 + 0.15 * lobes < 1.0
     field = smooth_field(rng, gt.shape, tuple(spacing_mm), 8.0)
     band = ndimage.binary_dilation(gt, iterations=2) & ~ndimage.binary_erosion(gt, iterations=2)
     pred = (gt & ~(band & (field > 0.8))) | (band & (field < -0.8))
@@ -76,6 +91,7 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)"
     )
+    ap.add_argument("--pair", choices=["body", "kidneys"], default="body")
     ap.add_argument("--skip-cldice", action="store_true")
     ap.add_argument("--skip-monai", action="store_true")
     args = ap.parse_args()
@@ -86,7 +102,7 @@ def main() -> None:
     size = args.size or ([512, 512, 160] if dev == "cuda" else [256, 256, 80])
     spacing, tol = args.spacing, args.tolerance
 
-    gt, pred = make_pair(size, spacing)
+    gt, pred = make_pair(size, spacing, args.pair)
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "CPU"
     print(f"device: {dev} ({name}); torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(

@@ -51,7 +51,8 @@ def compute_cldice(
     d = spatial_dims or pred.ndim
     p = pred > 0 if pred.dtype != torch.bool else pred
     g = gt > 0 if gt.dtype != torch.bool else gt
-    return cldice_from_skeletons(p, g, skeletonize(p, d), skeletonize(g, d), d)
+    skel = skeletonize(torch.stack([p, g]), d)  # one thinning run for both masks
+    return cldice_from_skeletons(p, g, skel[0], skel[1], d)
 
 
 class ClDiceMetric(CumulativeIterationMetric):
