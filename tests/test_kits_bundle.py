@@ -308,3 +308,19 @@ def test_metadata_verify_rejects_a_missing_key(tmp_path):
     bad.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_channels"):
         verify_metadata(meta_file=str(bad), filepath=str(BUNDLE / "schema" / "meta_schema.json"))
+
+
+@pytest.mark.slow
+def test_demo_train_step_trains_the_bundle_into_the_demo_folder(tmp_path, phantom_dir):
+    from sam3d.demo import DemoState, step_train
+    from sam3d.models import load_sam3d_checkpoint
+
+    state = DemoState(out=tmp_path)
+    state.outputs["dataset_json"] = phantom_dir / "dataset.json"
+    state.extras["train_epochs"] = 1
+    step_train(state)
+    checkpoint = tmp_path / "kits_bundle_run" / "models" / "model.pt"
+    assert state.outputs["checkpoint"] == checkpoint
+    model, meta = load_sam3d_checkpoint(checkpoint)
+    assert model.preset["name"] == "tiny" and meta["epoch"] == 1
+    assert (tmp_path / "kits_bundle_run" / "eval" / "mlruns.db").is_file()
