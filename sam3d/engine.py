@@ -222,7 +222,12 @@ def load_datalist(
         if given["validation"] and given["test"]:
             splits = given
         else:
-            splits = _carve(given["training"], val_fraction, test_fraction, seed)
+            splits = _carve(
+                given["training"],
+                0.0 if given["validation"] else val_fraction,
+                0.0 if given["test"] else test_fraction,
+                seed,
+            )
             for k in ("validation", "test"):
                 if given[k]:
                     splits[k] = given[k]

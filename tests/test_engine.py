@@ -281,3 +281,20 @@ def test_save_executed_config_writes_the_parsed_config_with_overrides(tmp_path):
     assert saved["lr"] == 0.5 and saved["save"].startswith("$sam3d.engine.save_executed_config")
     with pytest.raises(RuntimeError, match="bundle config expression"):
         engine.save_executed_config(tmp_path / "x.json")
+
+
+def test_datalist_carves_only_the_missing_split(tmp_path):
+    entries = []
+    for i in range(6):
+        _nifti(tmp_path / "imagesTr" / f"c{i}.nii.gz")
+        _nifti(tmp_path / "labelsTr" / f"c{i}.nii.gz")
+        entries.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
+    spec = {"training": entries[:5], "validation": entries[5:]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    names = {
+        s: sorted(Path(d["image"]).name for d in engine.load_datalist(tmp_path, s, 0.2, 0.2))
+        for s in ("training", "validation", "test")
+    }
+    assert names["validation"] == ["c5.nii.gz"]
+    assert len(names["test"]) == 1 and len(names["training"]) == 4  # only the test is carved
+    assert sorted(names["training"] + names["test"]) == [f"c{i}.nii.gz" for i in range(5)]
