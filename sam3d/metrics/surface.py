@@ -413,20 +413,65 @@ def _within_tolerance(
     return out
 
 
+def _nearest_by_offsets(
+    border_to: torch.Tensor, idx: torch.Tensor, spacing_mm: torch.Tensor, reach_mm: float
+) -> torch.Tensor:
+    """Exact distances (mm) of the query points to ``border_to`` where they are <= reach.
+
+    Looks the set up at the offsets of the reach ellipsoid in increasing distance, a
+    chunk at a time; a query's first chunk with a hit holds its nearest point (every
+    nearer offset was looked at before). Queries without a hit get inf (their true
+    distance is larger than the reach). All items must share one spacing.
+    """
+    shape = border_to.shape[1:]
+    reach = torch.full((1,), reach_mm, dtype=torch.float64, device=spacing_mm.device)
+    radius = _radius_vox(reach, spacing_mm[:1], shape)
+    offsets, dist = _ellipsoid_offsets(spacing_mm[:1], reach, radius)
+    dist, order = torch.sort(dist[0], stable=True)
+    offsets = offsets[order]
+    padded = torch.nn.functional.pad(border_to, [r for r in reversed(radius) for _ in (0, 1)])
+    strides = torch.tensor(padded.stride(), device=idx.device)
+    flat = padded.reshape(-1)
+    base = (idx + torch.tensor([0, *radius], device=idx.device)) @ strides
+    off_flat = offsets @ strides[1:]
+    out = torch.full((idx.shape[0],), math.inf, dtype=torch.float64, device=idx.device)
+    todo = torch.arange(idx.shape[0], device=idx.device)
+    step = 64
+    for start in range(0, off_flat.numel(), step):
+        hit = flat[base[todo, None] + off_flat[None, start : start + step]]
+        near = torch.where(hit, dist[None, start : start + step], math.inf).amin(1)
+        found = torch.isfinite(near)
+        out[todo[found]] = near[found]
+        todo = todo[~found]
+        if todo.numel() == 0:
+            break
+        step = min(step * 2, 4096)
+    return out
+
+
 def _distances_at(
     border_to: torch.Tensor, idx: torch.Tensor, spacing_mm: torch.Tensor
 ) -> torch.Tensor:
     """Exact distances (mm) from the query points ``idx`` (``Q x (1+d)``) to ``border_to``.
 
-    Band-limited passes with a reach ``R`` that doubles until every query point's value
-    is ``<= R`` (then it is exact) or the band spans the whole grid. Items whose set is
-    empty give inf.
+    Near points (the usual case) come from :func:`_nearest_by_offsets`; the rest from
+    band-limited grid passes with a reach ``R`` that doubles until every remaining
+    point's value is ``<= R`` (then it is exact) or the band spans the whole grid.
+    Items whose set is empty give inf.
     """
     shape = border_to.shape[1:]
-    out = torch.full((idx.shape[0],), math.inf, dtype=torch.float64, device=idx.device)
-    todo = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
-    reach = 4.0 * float(spacing_mm.max())
     n = border_to.shape[0]
+    out = torch.full((idx.shape[0],), math.inf, dtype=torch.float64, device=idx.device)
+    todo = border_to.flatten(1).any(1)[idx[:, 0]]  # an empty set leaves inf
+    if not bool(todo.any()):
+        return out
+    reach = 4.0 * float(spacing_mm.max())
+    if bool((spacing_mm == spacing_mm[:1]).all()):
+        out = _nearest_by_offsets(border_to, idx, spacing_mm, reach)
+        todo &= ~torch.isfinite(out)
+        if not bool(todo.any()):
+            return out
+        reach *= 2.0
     while True:
         radius = _radius_vox(torch.full((n,), reach, dtype=torch.float64), spacing_mm.cpu(), shape)
         whole = all(r == s - 1 for r, s in zip(radius, shape))
