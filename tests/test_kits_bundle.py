@@ -324,3 +324,36 @@ def test_demo_train_step_trains_the_bundle_into_the_demo_folder(tmp_path, phanto
     model, meta = load_sam3d_checkpoint(checkpoint)
     assert model.preset["name"] == "tiny" and meta["epoch"] == 1
     assert (tmp_path / "kits_bundle_run" / "eval" / "mlruns.db").is_file()
+
+
+def _missing_properties(workflow) -> list[str]:
+    """Required workflow properties whose config id is absent (without initializing)."""
+    return [
+        name
+        for name, prop in workflow.properties.items()
+        if prop.get("required") and prop.get("id") and prop["id"] not in workflow.parser
+    ]
+
+
+def test_configs_define_monai_workflow_properties():
+    from monai.bundle import ConfigWorkflow
+
+    train = ConfigWorkflow(config_file=TRAIN, workflow_type="train", logging_file=False)
+    assert _missing_properties(train) == []
+    ids = {n: p["id"].replace("::", "#") for n, p in train.properties.items() if p.get("id")}
+    assert ids["trainer"] == "train#trainer" and ids["train_dataset"] == "train#dataset"
+    assert train.parser.get("train#trainer#max_epochs") == "@max_epochs"
+    for optional in ("network_def", "evaluator", "val_interval", "val_handlers"):
+        assert ids[optional] in train.parser, optional
+    evaluate = ConfigWorkflow(
+        config_file=[TRAIN, str(BUNDLE / "evaluate.json")], workflow_type="infer",
+        logging_file=False,
+    )  # fmt: skip
+    assert _missing_properties(evaluate) == []
+    multi = ConfigWorkflow(
+        config_file=[TRAIN, str(BUNDLE / "multi_gpu_train.json")], workflow_type="train",
+        logging_file=False,
+    )  # fmt: skip
+    assert _missing_properties(multi) == []
+    assert multi.parser.get("train#dataloader#shuffle") is False
+    assert multi.parser.get("train#dataloader#sampler") == "@train#sampler"
