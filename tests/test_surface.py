@@ -184,6 +184,23 @@ def test_batched_multiclass_per_class_tolerance_and_spacing():
             )
 
 
+def test_user_errors_are_clear():
+    from sam3d.errors import Sam3DError
+
+    a = torch.zeros(6, 6, 6, dtype=torch.bool)
+    with pytest.raises(Sam3DError, match="shapes differ"):
+        compute_surface_dice(a, a[:5], (1, 1, 1), 1.0)
+    with pytest.raises(Sam3DError, match="positive"):
+        compute_surface_dice(a, a, (1, 0, 1), 1.0)
+    with pytest.raises(Sam3DError, match="one per class"):
+        compute_surface_dice(
+            a[None, None].expand(1, 2, 6, 6, 6),
+            a[None, None].expand(1, 2, 6, 6, 6),
+            (1, 1, 1),
+            [1.0, 2.0, 3.0],
+        )
+
+
 def test_accepts_0_1_float_masks():
     rng = np.random.default_rng(5)
     gt, pred = blob(rng, (12, 12, 12)), blob(rng, (12, 12, 12))

@@ -217,6 +217,8 @@ def _as_spacing(
         s = s.expand(d)
     if s.shape[-1] != d:
         raise Sam3DError(f"spacing_mm must have {d} values per image, got shape {tuple(s.shape)}.")
+    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+        raise Sam3DError(f"spacing_mm must be positive and finite, got {s.tolist()}.")
     if s.ndim == 1:
         return s.expand(n_items, d).clone()
     if len(lead) >= 1 and s.shape[0] == lead[0] and s.ndim == 2:
