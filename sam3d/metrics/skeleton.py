@@ -3,9 +3,10 @@
 Parallel directional thinning with subfields:
 
 - a *pass* runs a few sub-iterations; in each, the candidates are foreground border
-  points open towards the sub-iteration's side: in 3D the six face directions in turn,
-  as in Lee et al. (1994), the algorithm of scikit-image's 3D ``skeletonize``; in 2D
-  Zhang-Suen's two sides (south/east, then north/west), as scikit-image's 2D one;
+  points open towards the sub-iteration's sides: in 3D the two faces of one axis, axis
+  after axis (Lee et al. 1994, the algorithm of scikit-image's 3D ``skeletonize``, peels
+  the six faces one at a time); in 2D Zhang-Suen's two sides (south/east, then
+  north/west), as scikit-image's 2D one;
 - points that are *end points* (exactly one foreground neighbour) when the candidates
   are collected are kept, so curve ends survive;
 - the candidates are split into the 2^d *subfields* of equal coordinate parities.
@@ -161,14 +162,15 @@ def _groups(d: int) -> list[list[list[tuple[int, ...]]]]:
     """Sub-iterations of a pass: each is a list of tests, each test a list of directions
     whose neighbours must all be background for a point to be a candidate.
 
-    3D: the six face directions in turn (Lee). 2D: Zhang-Suen's two sub-iterations,
-    south or east or (north and west) open, then north or west or (south and east).
+    3D: one axis at a time, both of its faces (3 sub-iterations; Lee's six one-face
+    sub-iterations give the same clDice agreement at twice the steps). 2D: Zhang-Suen's
+    two, south or east or (north and west) open, then north or west or (south and east).
     """
     if d == 2:
         s, e, n, w = (1, 0), (0, 1), (-1, 0), (0, -1)
         return [[[s], [e], [n, w]], [[n], [w], [s, e]]]
-    faces = [tuple(v if k == a else 0 for k in range(d)) for a in range(d) for v in (-1, 1)]
-    return [[[f]] for f in faces]
+    face = [[tuple(v if k == a else 0 for k in range(d)) for v in (-1, 1)] for a in range(d)]
+    return [[[lo], [hi]] for lo, hi in face]
 
 
 def skeletonize(mask: torch.Tensor, spatial_dims: int | None = None) -> torch.Tensor:
