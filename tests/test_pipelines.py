@@ -134,3 +134,21 @@ def test_bundle_config_chains_equal_the_python_builders(case):
         (a,), (b,) = py_chain(case), cfg_chain(case)
         for key in ("image", "label", "points", "point_labels"):
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
+    import shutil
+
+    from monai.bundle import ConfigParser
+    from monai.data import CacheDataset
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
+    assert parser.get("train#dataset#_target_") == "CacheDataset"
+    assert parser.get("validate#dataset#_target_") == "CacheDataset"
+    copy = {k: str(shutil.copy(v, tmp_path / f"{k}.nii.gz")) for k, v in case.items()}
+    ds = CacheDataset([copy], transform=_config_chain("train#preprocessing"), progress=False)
+    for path in copy.values():
+        Path(path).unlink()  # a later epoch must not need the files
+    (a,), (b,) = ds[0], ds[0]
+    assert a["image"].shape == (1, 32, 32, 32) and b["points"].shape == (12, 3)
