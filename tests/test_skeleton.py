@@ -132,6 +132,37 @@ def test_simple_point_hand_cases():
     assert bool(is_simple(bits(*[o for o in full if o[0] >= 0])))  # flat border point
 
 
+def _simple_by_scipy_labels(cube: np.ndarray) -> bool:
+    """Bertrand-Malandain's local test written with scipy labels on the 3x3x3 cube."""
+    fg = cube.copy()
+    fg[1, 1, 1] = False
+    n_fg = ndimage.label(fg, ndimage.generate_binary_structure(3, 3))[1]
+    offs = np.indices((3, 3, 3)).reshape(3, -1).T - 1
+    n18 = (np.abs(offs).sum(1) <= 2).reshape(3, 3, 3)
+    bg = ~cube & n18
+    bg[1, 1, 1] = False
+    labels, _ = ndimage.label(bg, ndimage.generate_binary_structure(3, 1))
+    faces = [(0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)]
+    touching = {labels[f] for f in faces if labels[f] > 0}
+    return n_fg == 1 and len(touching) == 1
+
+
+def test_simple_point_test_matches_scipy_labels():
+    rng = np.random.default_rng(0)
+    order = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
+    cubes = []
+    for density in (0.2, 0.4, 0.6, 0.8):
+        for _ in range(150):
+            cube = rng.random((3, 3, 3)) < density
+            cube[1, 1, 1] = True
+            cubes.append(cube)
+    bits = torch.tensor([[c[o[0] + 1, o[1] + 1, o[2] + 1] for o in order] for c in cubes])
+    ours = is_simple(bits).numpy()
+    expected = np.array([_simple_by_scipy_labels(c) for c in cubes])
+    np.testing.assert_array_equal(ours, expected)
+    assert 50 < expected.sum() < len(cubes) - 50  # both answers well represented
+
+
 def test_batched_input_matches_single():
     rng = np.random.default_rng(3)
     masks = np.stack([blob(rng, (40, 40)) for _ in range(3)])
