@@ -163,6 +163,25 @@ def test_simple_point_test_matches_scipy_labels():
     assert 50 < expected.sum() < len(cubes) - 50  # both answers well represented
 
 
+def test_full_table_path_gives_the_same_skeleton(monkeypatch):
+    """The sync-free path used on CUDA (a table of all 2^26 neighbourhoods) deletes the
+    same points as the memoised path; the table is stood in for by the exact test."""
+    import sam3d.metrics.skeleton as skeleton_module
+
+    class ExactTable:
+        def __getitem__(self, codes: torch.Tensor) -> torch.Tensor:
+            bits = ((codes[:, None] >> torch.arange(26)) & 1).bool()
+            return is_simple(bits)
+
+    monkeypatch.setattr(skeleton_module, "_lut_3d", lambda device: ExactTable())
+    rng = np.random.default_rng(12)
+    for mask in (blob(rng, (22, 20, 18), q=0.55), blob(rng, (16, 24, 20), sigma=1.5)):
+        m = torch.from_numpy(mask)
+        np.testing.assert_array_equal(
+            skeletonize(m, full_table=True).numpy(), skeletonize(m, full_table=False).numpy()
+        )
+
+
 def test_batched_input_matches_single():
     rng = np.random.default_rng(3)
     masks = np.stack([blob(rng, (40, 40)) for _ in range(3)])

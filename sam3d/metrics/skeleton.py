@@ -117,6 +117,24 @@ def _lut_2d(device: str) -> torch.Tensor:
     return is_simple(bits).to(device)
 
 
+@lru_cache(maxsize=2)
+def _lut_3d(device: str) -> torch.Tensor:
+    """Simple-point test for all 2^26 26-neighbourhoods (64 MB), built once per device.
+
+    Used on CUDA, where it takes well under a second and makes every sub-iteration a
+    fixed sequence of kernels without host syncs; on the CPU it would take about a
+    minute, so the CPU memoises tests in :class:`_SimpleCache` instead.
+    """
+    dev = torch.device(device)
+    out = torch.empty(1 << 26, dtype=torch.bool, device=dev)
+    shifts = torch.arange(26, device=dev)
+    chunk = 1 << 22
+    for start in range(0, 1 << 26, chunk):
+        codes = torch.arange(start, start + chunk, device=dev)
+        out[start : start + chunk] = is_simple(((codes[:, None] >> shifts) & 1).bool())
+    return out
+
+
 class _SimpleCache:
     """Memo of the 3D simple-point test by 26-bit neighbourhood code, per device.
 
@@ -173,13 +191,18 @@ def _groups(d: int) -> list[list[list[tuple[int, ...]]]]:
     return [[[lo], [hi]] for lo, hi in face]
 
 
-def skeletonize(mask: torch.Tensor, spatial_dims: int | None = None) -> torch.Tensor:
+def skeletonize(
+    mask: torch.Tensor, spatial_dims: int | None = None, full_table: bool | None = None
+) -> torch.Tensor:
     """Topology-preserving skeleton of binary masks.
 
     Args:
         mask: bool or 0/1 tensor ``spatial`` or ``... x spatial`` (leading dims are a batch),
             on any device.
         spatial_dims: 2 or 3; default ``mask.ndim`` (so give it for batched input).
+        full_table: 3D only: look simple points up in a table of all 2^26
+            neighbourhoods (sync-free sub-iterations; built once per device) instead
+            of the memoised test. Default: on CUDA. Same result either way.
 
     Returns:
         bool tensor of the same shape: a thin (one voxel wide) skeleton with the same
@@ -203,13 +226,19 @@ def skeletonize(mask: torch.Tensor, spatial_dims: int | None = None) -> torch.Te
     g = _geometry(d)
     off_flat = g["offsets"].to(dev) @ strides[1:]
     pow2 = (1 << torch.arange(off_flat.numel(), device=dev)).long()
-    lut = _lut_2d(str(dev)) if d == 2 else None
+    if d == 2:
+        lut = _lut_2d(str(dev))
+    elif full_table if full_table is not None else dev.type == "cuda":
+        lut = _lut_3d(str(dev))
+    else:
+        lut = None
     flat = x.reshape(-1)
     groups = _groups(d)
     n_sub = 1 << d
     dims = list(range(1, d + 1))
-    # Few host syncs per sub-iteration (they dominate on a GPU): one nonzero and one
-    # split per side, one cache check per subfield, one "anything deleted?" per pass.
+    # Few host syncs (they dominate on a GPU): one nonzero per side, one "anything
+    # deleted?" per pass; without a full table also one split per side and one cache
+    # check per subfield.
     while True:
         deleted = torch.zeros((), dtype=torch.long, device=dev)
         for group in groups:
@@ -230,6 +259,14 @@ def skeletonize(mask: torch.Tensor, spatial_dims: int | None = None) -> torch.Te
             for k in range(d, 0, -1):
                 sub = sub * 2 + (cand // strides[k]) % shape[k] % 2
             sub = torch.where(keep, n_sub, sub)  # end points: a subfield never visited
+            if lut is not None:
+                # with a full table: masks instead of splits, no host sync per subfield
+                for sf in range(n_sub):
+                    bits = flat[cand[:, None] + off_flat[None, :]]
+                    deletable = lut[(bits.long() * pow2).sum(1)] & (sub == sf)
+                    flat[cand] = flat[cand] & ~deletable
+                    deleted += deletable.sum()
+                continue
             order = torch.argsort(sub)
             counts = torch.bincount(sub, minlength=n_sub + 1).tolist()
             for idx in cand[order].split(counts)[:n_sub]:
@@ -237,7 +274,7 @@ def skeletonize(mask: torch.Tensor, spatial_dims: int | None = None) -> torch.Te
                     continue
                 bits = flat[idx[:, None] + off_flat[None, :]]
                 codes = (bits.long() * pow2).sum(1)
-                deletable = lut[codes] if lut is not None else _simple_3d(codes, bits)
+                deletable = _simple_3d(codes, bits)
                 flat[idx] = ~deletable  # every idx is foreground: keep the non-deletable
                 deleted += deletable.sum()
         if int(deleted) == 0:
