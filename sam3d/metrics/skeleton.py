@@ -224,7 +224,7 @@ def skeletonize(
     shape = x.shape
     strides = torch.tensor(x.stride(), device=dev)
     g = _geometry(d)
-    off_flat = g["offsets"].to(dev) @ strides[1:]
+    off_flat = (g["offsets"].to(dev) * strides[1:]).sum(1)  # no integer matmul on CUDA
     pow2 = (1 << torch.arange(off_flat.numel(), device=dev)).long()
     if d == 2:
         lut = _lut_2d(str(dev))

@@ -403,8 +403,9 @@ def _within_tolerance(
     padded = torch.nn.functional.pad(border_to, [r for r in reversed(radius) for _ in (0, 1)])
     strides = torch.tensor(padded.stride(), device=idx.device)
     flat = padded.reshape(-1)
-    base = (idx + torch.tensor([0, *radius], device=idx.device)) @ strides
-    off_flat = offsets @ strides[1:]
+    # (integer matmul is CPU-only in torch: multiply and sum instead)
+    base = ((idx + torch.tensor([0, *radius], device=idx.device)) * strides).sum(1)
+    off_flat = (offsets * strides[1:]).sum(1)
     allowed = dist <= tolerance_mm[:, None]  # N x K
     out = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     rows = max(1, (1 << 24) // max(offsets.shape[0], 1))
@@ -434,8 +435,9 @@ def _nearest_by_offsets(
     padded = torch.nn.functional.pad(border_to, [r for r in reversed(radius) for _ in (0, 1)])
     strides = torch.tensor(padded.stride(), device=idx.device)
     flat = padded.reshape(-1)
-    base = (idx + torch.tensor([0, *radius], device=idx.device)) @ strides
-    off_flat = offsets @ strides[1:]
+    # (integer matmul is CPU-only in torch: multiply and sum instead)
+    base = ((idx + torch.tensor([0, *radius], device=idx.device)) * strides).sum(1)
+    off_flat = (offsets * strides[1:]).sum(1)
     out = torch.full((idx.shape[0],), math.inf, dtype=torch.float64, device=idx.device)
     todo = torch.arange(idx.shape[0], device=idx.device)
     step = 64
