@@ -44,6 +44,13 @@ def test_empty_conventions():
     assert math.isnan(float(prec)) and float(rec) == 0.0
 
 
+def test_probabilities_are_refused():
+    from sam3d.errors import Sam3DError
+
+    with pytest.raises(Sam3DError, match="binary"):
+        compute_dice(torch.rand(4, 4), torch.ones(4, 4))
+
+
 def test_batched_shapes_and_float_masks():
     rng = np.random.default_rng(1)
     p = torch.from_numpy(rng.random((2, 3, 9, 9, 9)) < 0.5).float()

@@ -190,6 +190,10 @@ def test_user_errors_are_clear():
     a = torch.zeros(6, 6, 6, dtype=torch.bool)
     with pytest.raises(Sam3DError, match="shapes differ"):
         compute_surface_dice(a, a[:5], (1, 1, 1), 1.0)
+    labels = torch.zeros(6, 6, 6)
+    labels[1:3, 1:3, 1:3] = 2  # a label map, not a mask
+    with pytest.raises(Sam3DError, match="binary"):
+        compute_surface_dice(labels, labels, (1, 1, 1), 1.0)
     with pytest.raises(Sam3DError, match="positive"):
         compute_surface_dice(a, a, (1, 0, 1), 1.0)
     with pytest.raises(Sam3DError, match="one per class"):

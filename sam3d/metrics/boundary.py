@@ -22,7 +22,7 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-from sam3d.metrics.surface import _within_tolerance
+from sam3d.metrics.surface import _within_tolerance, as_binary
 
 __all__ = ["BoundaryF1Metric", "compute_bf_score", "mask_boundary"]
 
@@ -52,8 +52,8 @@ def compute_bf_score(
     d = spatial_dims or pred.ndim
     lead = pred.shape[: pred.ndim - d]
     spatial = pred.shape[pred.ndim - d :]
-    p = (pred > 0 if pred.dtype != torch.bool else pred).reshape(-1, *spatial)
-    g = (gt > 0 if gt.dtype != torch.bool else gt).reshape(-1, *spatial)
+    p = as_binary(pred, "pred").reshape(-1, *spatial)
+    g = as_binary(gt, "gt").reshape(-1, *spatial)
     n, dev = p.shape[0], p.device
     spacing = torch.ones(d, dtype=torch.float64) if spacing_mm is None else spacing_mm
     s = torch.as_tensor(spacing, dtype=torch.float64).expand(n, d).to(dev)

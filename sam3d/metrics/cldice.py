@@ -18,6 +18,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 from sam3d.metrics.skeleton import skeletonize
+from sam3d.metrics.surface import as_binary
 
 __all__ = ["ClDiceMetric", "cldice_from_skeletons", "compute_cldice"]
 
@@ -49,8 +50,7 @@ def compute_cldice(
         spatial_dims: 2 or 3; default ``pred.ndim`` (give it for batched input).
     """
     d = spatial_dims or pred.ndim
-    p = pred > 0 if pred.dtype != torch.bool else pred
-    g = gt > 0 if gt.dtype != torch.bool else gt
+    p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
     skel = skeletonize(torch.stack([p, g]), d)  # one thinning run for both masks
     return cldice_from_skeletons(p, g, skel[0], skel[1], d)
 

@@ -17,6 +17,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
 from sam3d.errors import Sam3DError
+from sam3d.metrics.surface import as_binary
 
 __all__ = [
     "OverlapMetric",
@@ -32,8 +33,7 @@ METRICS = ("dice", "iou", "precision", "recall")
 
 def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """True positives, false positives, false negatives: ``... x 3`` float64."""
-    p = pred > 0 if pred.dtype != torch.bool else pred
-    g = gt > 0 if gt.dtype != torch.bool else gt
+    p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
     if p.shape != g.shape:
         raise Sam3DError(f"pred and gt shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}.")
     p, g = p.flatten(-spatial_dims), g.flatten(-spatial_dims)

@@ -43,6 +43,8 @@ from functools import lru_cache
 
 import torch
 
+from sam3d.metrics.surface import as_binary
+
 __all__ = ["is_simple", "skeletonize"]
 
 
@@ -213,7 +215,7 @@ def skeletonize(
         raise ValueError(f"skeletonize needs 2D or 3D masks, got shape {tuple(mask.shape)}")
     lead = mask.shape[: mask.ndim - d]
     spatial = mask.shape[mask.ndim - d :]
-    x = mask.reshape(-1, *spatial) > 0 if mask.dtype != torch.bool else mask.reshape(-1, *spatial)
+    x = as_binary(mask).reshape(-1, *spatial)
     dev = x.device
     full_shape = x.shape
     box = _bounding_box(x)

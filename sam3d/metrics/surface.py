@@ -54,6 +54,7 @@ __all__ = [
     "AverageSurfaceDistanceMetric",
     "HausdorffDistance95Metric",
     "SurfaceDiceMetric",
+    "as_binary",
     "compute_assd",
     "compute_hd95",
     "compute_surface_dice",
@@ -203,6 +204,19 @@ def surfel_area_table(spacing_mm: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def as_binary(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """``mask`` as bool; refuses values other than 0/1 (labels or probabilities would
+    otherwise be binarised silently). Multi-class labels go one-hot into channels first."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise Sam3DError(
+            f"{name} must be binary (bool or 0/1); threshold probabilities and one-hot "
+            "multi-class labels into B x C channels first."
+        )
+    return mask != 0
+
+
 def _as_spacing(
     spacing_mm: SpacingLike, n_items: int, d: int, lead: tuple[int, ...]
 ) -> torch.Tensor:
@@ -247,8 +261,8 @@ def _prepare(pred: torch.Tensor, gt: torch.Tensor, spacing_mm: SpacingLike) -> t
     lead = tuple(pred.shape[: pred.ndim - d])
     spatial = tuple(pred.shape[pred.ndim - d :])
     n = int(np.prod(lead)) if lead else 1
-    p = pred.reshape(n, *spatial) > 0 if pred.dtype != torch.bool else pred.reshape(n, *spatial)
-    g = gt.reshape(n, *spatial) > 0 if gt.dtype != torch.bool else gt.reshape(n, *spatial)
+    p = as_binary(pred, "pred").reshape(n, *spatial)
+    g = as_binary(gt, "gt").reshape(n, *spatial)
     s = _as_spacing(spacing_mm, n, d, lead)
     return p, g, s, lead, d
 
