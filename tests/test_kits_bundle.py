@@ -213,6 +213,7 @@ def test_training_logs_one_run_to_a_real_mlflow_server(tmp_path, phantom_dir):
         assert len(runs) == 1
         run = runs[0]
         assert run.info.status == "FINISHED"
+        assert run.info.run_name.startswith("tiny-kits-")
         params = run.data.params
         assert params["preset"] == "tiny"
         assert params["dataset_preset"] == "kits"
