@@ -174,7 +174,7 @@ def test_user_command_generates_phantoms_trains_validates_and_resumes_after_sigk
     )  # fmt: skip
     spec = json.loads((root / "data" / "phantoms" / "dataset.json").read_text())
     rows = (root / "eval" / "metrics_test.csv").read_text().strip().splitlines()
-    assert rows[0] == "case,val_mean_dice,val_nsd"
+    assert rows[0] == "case,dice,nsd"
     assert [r.split(",")[0] for r in rows[1:]] == [Path(e["image"]).name for e in spec["test"]]
     for r in rows[1:]:
         assert all(0.0 <= float(v) <= 1.0 for v in r.split(",")[1:])
