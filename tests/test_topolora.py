@@ -26,7 +26,7 @@ from sam3d.models.topolora import (
     build_topolora_sam,
     resize_sam_state_dict,
 )
-from tests.conftest import TINY_SAM
+from tests.conftest import TINY_SAM, requires_cuda
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,24 @@ def test_smaller_input_resizes_position_tables_like_segment_anything(tiny_sam_ch
         assert model.eval()(image).shape == (1, 1, 72, 60)
     with pytest.raises(Sam3DError, match="multiple of 16"):
         build_topolora_sam("tiny", image_size=100)
+
+
+@requires_cuda
+def test_fused_attention_runs_on_fused_cuda_kernels_in_bf16(tiny_sam_checkpoint):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    base = build_sam("tiny", tiny_sam_checkpoint).image_encoder.cuda()
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "rel_pos" in n:
+                p.normal_(0, 0.3)
+    fast = copy.deepcopy(base)
+    use_fused_attention(fast)
+    x = torch.randn(2, 3, 1024, 1024, device="cuda")
+    with torch.no_grad():
+        ref = base(x)
+        # only the flash / memory-efficient kernels: this raises if neither accepts the shapes
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fast(x)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
