@@ -101,9 +101,9 @@ def step_train(state: DemoState) -> None:
     import torch
     from monai.bundle import run
 
-    from sam3d.data.pipelines import DATASET_PRESET_DIR
+    from sam3d.presets import BUNDLE_DIR
 
-    config = DATASET_PRESET_DIR.parents[1] / "bundles" / "kits" / "train.json"
+    config = BUNDLE_DIR / "kits" / "train.json"
     root = state.out / "kits_bundle_run"
     epochs = int(state.extras.get("train_epochs", DEMO_TRAIN_EPOCHS))
     state.log(f"training the kits bundle (tiny preset, {epochs} epochs) into {root}")

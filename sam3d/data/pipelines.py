@@ -19,7 +19,6 @@ final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from monai.transforms import (
 
 from sam3d.data.clicks import RandSimulateClicksd, SimulateClicksd
 from sam3d.errors import Sam3DError
+from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
 __all__ = [
     "DATASET_PRESET_DIR",
@@ -62,7 +62,7 @@ __all__ = [
     "val_transforms",
 ]
 
-DATASET_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets"
+DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
 _REQUIRED = {"window_hu", "mean", "std", "tumour_label", "nsd_tolerance_mm", "spacing_mm"}
 # Below this HU a voxel is air outside the body (the foreground crop's threshold).
 BODY_HU = -500.0
@@ -70,23 +70,12 @@ BODY_HU = -500.0
 
 def dataset_preset_names() -> list[str]:
     """Names of the shipped dataset presets (``kits``, ``lits``, ``pancreas``, ``colon``)."""
-    return sorted(p.stem for p in DATASET_PRESET_DIR.glob("*.json"))
+    return preset_names("datasets")
 
 
 def load_dataset_preset(preset: str | Path | dict) -> dict[str, Any]:
     """A dataset preset as a dict: a shipped name, a JSON file path, or a dict to check."""
-    if isinstance(preset, dict):
-        data = dict(preset)
-    else:
-        path = Path(preset)
-        if path.suffix != ".json":
-            path = DATASET_PRESET_DIR / f"{preset}.json"
-        if not path.is_file():
-            raise Sam3DError(
-                f"unknown dataset preset {str(preset)!r}: use one of "
-                f"{', '.join(dataset_preset_names())} or a path to a preset JSON file."
-            )
-        data = json.loads(path.read_text())
+    data = dict(preset) if isinstance(preset, dict) else read_preset("datasets", preset)
     missing = _REQUIRED - set(data)
     if missing:
         raise Sam3DError(f"dataset preset {preset!r} lacks {', '.join(sorted(missing))}.")
@@ -149,6 +138,7 @@ def train_transforms(
     n_pos: int = 10,
     n_neg: int = 20,
     samples_per_volume: int = 1,
+    vary_clicks: bool = True,
 ) -> Compose:
     """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
     pre = pre_crop_size(crop_size)
@@ -184,7 +174,7 @@ def train_transforms(
             RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
             RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
             RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
-            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg),
+            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
         ]
     )

@@ -7,7 +7,6 @@ small numbers for tests. Presets are JSON files in ``configs/model/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,10 +22,11 @@ from sam3d.errors import Sam3DError
 from sam3d.models.decoder3d import MLADecoder3D
 from sam3d.models.encoder3d import ImageEncoder3D
 from sam3d.models.prompt3d import PromptEncoder3D
+from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
 logger = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESET_DIR = CONFIG_DIR / "model"
 
 # Every key a preset may set, with the vit_b value as default.
 PRESET_DEFAULTS: dict[str, Any] = {
@@ -175,22 +175,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def available_presets() -> list[str]:
     """Names of the presets in ``configs/model/``."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names("model")
 
 
 def resolve_preset(preset: str | os.PathLike | dict[str, Any], **overrides) -> dict[str, Any]:
     """A full preset dict from a name, a JSON path or a dict, with overrides applied."""
-    if isinstance(preset, dict):
-        cfg = dict(preset)
-    else:
-        path = Path(preset)
-        if path.suffix != ".json":
-            path = PRESET_DIR / f"{preset}.json"
-        if not path.is_file():
-            raise Sam3DError(
-                f"unknown model preset {preset!r}; available: {', '.join(available_presets())}"
-            )
-        cfg = json.loads(path.read_text())
+    cfg = dict(preset) if isinstance(preset, dict) else read_preset("model", preset)
     cfg.update(overrides)
     unknown = sorted(set(cfg) - set(PRESET_DEFAULTS))
     if unknown:
