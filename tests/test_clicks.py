@@ -118,3 +118,26 @@ def test_clicks_collate_to_fixed_size_batches():
     batch = list_data_collate([t(_case("a.nii.gz")), t(_case("b.nii.gz", empty))])
     assert batch["points"].shape == (2, 5, 3) and batch["point_labels"].shape == (2, 5)
     assert batch["point_labels"][1].tolist() == [0, 0, 0, -1, -1]
+
+
+def test_varying_click_counts_stay_in_bounds_and_cover_single_clicks():
+    from monai.data import MetaTensor
+
+    tumour = np.zeros((12, 12, 12), dtype=np.uint8)
+    tumour[3:8, 3:8, 3:8] = 1
+    t = RandSimulateClicksd(keys="label", n_pos=4, n_neg=3, vary_count=True)
+    t.set_random_state(0)
+    seen_pos = set()
+    for _ in range(60):
+        out = t({"label": MetaTensor(torch.from_numpy(tumour)[None])})
+        labels, points = out["point_labels"], out["points"]
+        assert labels.shape == (7,) and points.shape == (7, 3)
+        n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+        assert 1 <= n_pos <= 4 and 0 <= n_neg <= 3
+        # positives first, then negatives, then padding
+        assert labels.tolist() == [1] * n_pos + [0] * n_neg + [-1] * (7 - n_pos - n_neg)
+        idx = points.long()
+        inside = tumour[idx[:, 0], idx[:, 1], idx[:, 2]]
+        assert (inside[:n_pos] == 1).all() and (inside[n_pos : n_pos + n_neg] == 0).all()
+        seen_pos.add(n_pos)
+    assert seen_pos == {1, 2, 3, 4}

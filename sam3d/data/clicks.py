@@ -178,7 +178,11 @@ class SimulateClicksd(_ClicksBase):
 
 
 class RandSimulateClicksd(Randomizable, _ClicksBase):
-    """Random training clicks (reference: 10 tumour + 20 other points) from MONAI's seeded ``R``."""
+    """Random training clicks (reference: 10 tumour + 20 other points) from MONAI's seeded ``R``.
+
+    With ``vary_count`` each sample gets 1..``n_pos`` positives and 0..``n_neg`` negatives
+    (uniform counts), padded with -1 to ``n_pos + n_neg`` so batches still collate.
+    """
 
     def __init__(
         self,
@@ -190,14 +194,30 @@ class RandSimulateClicksd(Randomizable, _ClicksBase):
         points_key: str = "points",
         labels_key: str = "point_labels",
         allow_missing_keys: bool = False,
+        vary_count: bool = False,
     ) -> None:
         _ClicksBase.__init__(
             self, keys, n_pos, n_neg, tumour_label, neg_margin_vox, points_key, labels_key,
             allow_missing_keys,
         )  # fmt: skip
+        self.vary_count = bool(vary_count)
 
     def randomize(self, data: Any = None) -> None:  # the draw itself uses self.R
         pass
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        return self._add_clicks(data, self.R)
+        if not self.vary_count:
+            return self._add_clicks(data, self.R)
+        # Departure from the reference (always 10 + 20): 1..n_pos positives and 0..n_neg
+        # negatives per sample, so the single click of inference is seen in training too.
+        d = dict(data)
+        mask = _as_mask(d[self.keys[0]], self.tumour_label)
+        k_pos = int(self.R.randint(1, self.n_pos + 1))
+        k_neg = int(self.R.randint(0, self.n_neg + 1))
+        points, labels = sample_clicks(mask, k_pos, k_neg, self.R, self.neg_margin_vox)
+        n = self.n_pos + self.n_neg
+        d[self.points_key] = torch.zeros(n, 3, dtype=torch.float32)
+        d[self.labels_key] = torch.full((n,), -1, dtype=torch.int64)
+        d[self.points_key][: len(points)] = torch.from_numpy(points)
+        d[self.labels_key][: len(labels)] = torch.from_numpy(labels)
+        return d
