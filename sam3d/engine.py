@@ -29,7 +29,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from monai.handlers import MLFlowHandler
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, path_to_sqlite_uri, path_to_uri
 
+from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
 
 logger = logging.getLogger("sam3d.engine")
@@ -81,27 +81,11 @@ def _barrier() -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
 # --------------------------------------------------------------------------- datasets

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
 from sam3d.models.decoder3d import MLADecoder3D
 from sam3d.models.encoder3d import ImageEncoder3D
@@ -252,19 +252,9 @@ def save_sam3d_checkpoint(
 
     ``extra`` holds further plain-data top-level entries (e.g. ``dataset=<preset dict>``).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"preset": dict(model.preset), "state_dict": model.state_dict(), "meta": dict(meta or {})}
     obj.update(extra)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_sam3d_checkpoint(
