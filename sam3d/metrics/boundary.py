@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
+from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
 from sam3d.metrics.surface import _within_tolerance, as_binary
@@ -100,8 +100,8 @@ class BoundaryF1Metric(CumulativeIterationMetric):
         self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        if not self.include_background and y_pred.shape[1] > 1:
-            y_pred, y = y_pred[:, 1:], y[:, 1:]
+        if not self.include_background:
+            y_pred, y = ignore_background(y_pred, y)
         return compute_bf_score(
             y_pred, y, self.tolerance, self.spacing_mm, spatial_dims=y_pred.ndim - 2
         ).float()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
+from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
 from sam3d.metrics.skeleton import skeletonize
@@ -75,8 +75,8 @@ class ClDiceMetric(CumulativeIterationMetric):
         self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        if not self.include_background and y_pred.shape[1] > 1:
-            y_pred, y = y_pred[:, 1:], y[:, 1:]
+        if not self.include_background:
+            y_pred, y = ignore_background(y_pred, y)
         return compute_cldice(y_pred, y, spatial_dims=y_pred.ndim - 2).float()
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
+from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
 from sam3d.errors import Sam3DError
@@ -116,8 +116,8 @@ class OverlapMetric(CumulativeIterationMetric):
         self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        if not self.include_background and y_pred.shape[1] > 1:
-            y_pred, y = y_pred[:, 1:], y[:, 1:]
+        if not self.include_background:
+            y_pred, y = ignore_background(y_pred, y)
         return confusion_counts(y_pred, y, y_pred.ndim - 2)  # B x C x 3
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:

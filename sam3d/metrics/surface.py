@@ -45,7 +45,7 @@ import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
+from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
 from sam3d.errors import Sam3DError
@@ -726,9 +726,7 @@ class SpacingAwareMetric(CumulativeIterationMetric):
     def _select(self, y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if y_pred.ndim < 4:
             raise Sam3DError(f"{type(self).__name__} needs B x C x spatial inputs.")
-        if not self.include_background and y_pred.shape[1] > 1:
-            return y_pred[:, 1:], y[:, 1:]
-        return y_pred, y
+        return ignore_background(y_pred, y) if not self.include_background else (y_pred, y)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
         data = self.get_buffer()
