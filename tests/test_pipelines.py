@@ -152,3 +152,29 @@ def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
         Path(path).unlink()  # a later epoch must not need the files
     (a,), (b,) = ds[0], ds[0]
     assert a["image"].shape == (1, 32, 32, 32) and b["points"].shape == (12, 3)
+
+
+def test_inference_intensity_step_equals_the_bundles():
+    from monai.bundle import ConfigParser
+    from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
+    bundle = [
+        t
+        for t in parser.get_parsed_content("load_transforms")
+        if isinstance(t, ScaleIntensityRanged | NormalizeIntensityd)
+    ]
+    ours = pipelines.intensity_transforms(pipelines.load_dataset_preset("kits"))
+    assert [type(t) for t in bundle] == [type(t) for t in ours]
+    x = torch.linspace(-1200, 1500, 5 * 6 * 7).reshape(1, 5, 6, 7)
+    a, b = {"image": x.clone()}, {"image": x.clone()}
+    for t in bundle:
+        a = t(a)
+    for t in ours:
+        b = t(b)
+    torch.testing.assert_close(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+    # and by hand: clip to KiTS [-54, 247] HU, z-score with 59.54 / 55.46
+    torch.testing.assert_close(
+        torch.as_tensor(b["image"]), (x.clamp(-54, 247) - 59.54) / 55.46, rtol=1e-5, atol=1e-5
+    )

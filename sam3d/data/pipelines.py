@@ -2,15 +2,12 @@
 
 A dataset preset (``configs/datasets/<name>.json``) holds the HU window, the global
 mean/SD of the z-score, the tumour label, the target spacing and the NSD tolerance.
-The chains here are the Python twins of the ``preprocessing`` lists of
-``bundles/kits/train.json`` (tests check that both give the same tensors), for scripts
-and for other code paths that need the same preprocessing without a bundle:
-
-- :func:`load_transforms`: load, channel first, RAS, resample to the preset spacing;
-- :func:`intensity_transforms`: clip to the window, z-score with the global mean/SD;
-- :func:`train_transforms`: + body crop, tumour-vs-rest label, pos/neg crops, zoom,
-  crop, flips, rot90, intensity shift, random clicks;
-- :func:`val_transforms`: + body crop, tumour-vs-rest label, one seeded click per case.
+The training and validation chains are written once, as the ``preprocessing`` lists of
+``bundles/kits/train.json``; :func:`train_transforms` and :func:`val_transforms` read
+them from there for another preset, for scripts that need the bundle's preprocessing
+without running the bundle. :func:`intensity_transforms` (clip to the window, z-score
+with the global mean/SD) is the intensity step alone, for click inference; a test checks
+it equals the bundle's.
 
 Every spatial step comes before the clicks are drawn, so clicks are voxel indices of the
 final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
@@ -19,35 +16,19 @@ final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.transforms import (
-    CastToTyped,
     Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LabelToMaskd,
-    LoadImaged,
     NormalizeIntensityd,
-    Orientationd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
-    RandShiftIntensityd,
-    RandSpatialCropd,
-    RandZoomd,
     ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
 )
 
-from sam3d.data.clicks import RandSimulateClicksd, SimulateClicksd
 from sam3d.errors import Sam3DError
-from sam3d.presets import CONFIG_DIR, preset_names, read_preset
+from sam3d.presets import BUNDLE_DIR, CONFIG_DIR, preset_names, read_preset
 
 __all__ = [
     "DATASET_PRESET_DIR",
@@ -56,7 +37,6 @@ __all__ = [
     "air_value",
     "above",
     "pre_crop_size",
-    "load_transforms",
     "intensity_transforms",
     "train_transforms",
     "val_transforms",
@@ -97,23 +77,6 @@ def pre_crop_size(crop_size: int) -> int:
     return int(round(crop_size * 154 / 128))
 
 
-def load_transforms(
-    preset: dict, keys: Sequence[str] = ("image", "label"), body_hu: float | None = BODY_HU
-) -> list:
-    """Load, channel first, RAS, resample (image bilinear, label nearest), crop to the body."""
-    keys = list(keys)
-    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    chain: list = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=list(preset["spacing_mm"]), mode=modes),
-    ]
-    if body_hu is not None:
-        chain.append(CropForegroundd(keys=keys, source_key=keys[0], select_fn=above(body_hu)))
-    return chain
-
-
 def intensity_transforms(preset: dict, key: str = "image") -> list:
     """Clip to the preset's HU window, then z-score with its global mean/SD."""
     lo, hi = (float(v) for v in preset["window_hu"])
@@ -125,11 +88,18 @@ def intensity_transforms(preset: dict, key: str = "image") -> list:
     ]
 
 
-def _tumour_label(preset: dict, key: str = "label") -> list:
-    return [
-        LabelToMaskd(keys=key, select_labels=[int(preset["tumour_label"])]),
-        CastToTyped(keys=key, dtype=torch.uint8),
-    ]
+def _kits_recipe(preset: dict, **overrides: Any) -> Any:
+    """The kits bundle's ``train.json`` as a ``ConfigParser``, for another preset.
+
+    The bundle config is the one written recipe; these builders read it rather than
+    repeat it, so a script and the bundle always preprocess alike.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_DIR / "kits" / "train.json"))
+    parser.update({"dataset_info": dict(preset), **overrides})
+    return parser
 
 
 def train_transforms(
@@ -140,54 +110,27 @@ def train_transforms(
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
 ) -> Compose:
-    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
-    pre = pre_crop_size(crop_size)
-    air = air_value(preset)
-    return Compose(
-        [
-            *load_transforms(preset),
-            *intensity_transforms(preset),
-            *_tumour_label(preset),
-            SpatialPadd(keys="image", spatial_size=[pre] * 3, value=air),
-            SpatialPadd(keys="label", spatial_size=[pre] * 3),
-            RandCropByPosNegLabeld(
-                keys=["image", "label"],
-                label_key="label",
-                spatial_size=[pre] * 3,
-                pos=2,
-                neg=1,
-                num_samples=samples_per_volume,
-                image_key="image",
-                image_threshold=air,
-            ),  # fmt: skip
-            RandZoomd(
-                keys=["image", "label"],
-                prob=0.3,
-                min_zoom=0.9,
-                max_zoom=1.1,
-                mode=["trilinear", "nearest"],
-                keep_size=True,
-            ),  # fmt: skip
-            RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
-            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
-            RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
-            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
-            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
-        ]
+    """The training chain (``train#preprocessing`` of bundles/kits/train.json).
+
+    Load, RAS, the preset's spacing, body crop, window + z-score, tumour mask; then
+    pos/neg crops, zoom, crop to ``crop_size``, flips, rot90, intensity shift and
+    ``RandSimulateClicksd``.
+    """
+    parser = _kits_recipe(
+        preset,
+        crop_size=int(crop_size),
+        n_pos_clicks=int(n_pos),
+        n_neg_clicks=int(n_neg),
+        samples_per_volume=int(samples_per_volume),
+        vary_clicks=bool(vary_clicks),
     )
+    return parser.get_parsed_content("train#preprocessing")
 
 
 def val_transforms(preset: dict, seed: int = 0, n_pos: int = 1, n_neg: int = 0) -> Compose:
-    """The evaluation chain: whole body-cropped volume at 1 mm, one seeded click per case."""
-    return Compose(
-        [
-            *load_transforms(preset),
-            *intensity_transforms(preset),
-            *_tumour_label(preset),
-            SimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, seed=seed),
-            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
-        ]
-    )
+    """The evaluation chain (``validate#preprocessing``): whole body-cropped volume at the
+    preset's spacing, ``n_pos`` / ``n_neg`` clicks seeded per case."""
+    parser = _kits_recipe(preset, seed=int(seed))
+    parser["validate#clicks#0#n_pos"] = int(n_pos)
+    parser["validate#clicks#0#n_neg"] = int(n_neg)
+    return parser.get_parsed_content("validate#preprocessing")
