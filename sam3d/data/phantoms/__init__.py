@@ -1,0 +1,153 @@
+"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`) and
+fundus-like vessel images (:mod:`.vessels`), written as MSD-style datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam3d.data.io import atomic_write
+from sam3d.data.phantoms.common import (
+    _iter_cases,
+    _rotation,
+    case_seed,
+    make_affine,
+    save_nifti,
+    save_png,
+    smooth_field,
+)
+from sam3d.data.phantoms.ct import (
+    LESION_CONTRAST_HU,
+    LESION_DIAMETER_MM,
+    ORIENTATIONS,
+    TISSUE_HU,
+    TISSUES,
+    CTPhantom,
+    Lesion,
+    T,
+    make_ct_phantom,
+)
+from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
+from sam3d.errors import Sam3DError
+
+__all__ = [
+    "LESION_CONTRAST_HU",
+    "LESION_DIAMETER_MM",
+    "ORIENTATIONS",
+    "T",
+    "TISSUES",
+    "TISSUE_HU",
+    "CTPhantom",
+    "Lesion",
+    "VesselPhantom",
+    "_rotation",
+    "case_seed",
+    "make_affine",
+    "make_ct_phantom",
+    "make_vessel_phantom",
+    "save_nifti",
+    "save_png",
+    "smooth_field",
+    "split_cases",
+    "write_phantom_dataset",
+]
+
+
+def split_cases(n: int) -> tuple[list[int], list[int], list[int]]:
+    """Deterministic 60/20/20 split of case indices, at least one case each when n >= 3."""
+    if n < 3:
+        return list(range(min(n, 1))), list(range(1, n)), []
+    n_val = max(1, round(0.2 * n))
+    n_test = max(1, round(0.2 * n))
+    n_train = n - n_val - n_test
+    return (
+        list(range(n_train)),
+        list(range(n_train, n_train + n_val)),
+        list(range(n_train + n_val, n)),
+    )
+
+
+def write_phantom_dataset(
+    kind: str,
+    out: Path | str,
+    n: int,
+    seed: int = 0,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Path:
+    """Write ``n`` phantoms as an MSD-style dataset and return its ``dataset.json`` path.
+
+    ct: ``imagesTr/phantom_XXX.nii.gz`` (int16 HU) and ``labelsTr/phantom_XXX.nii.gz``
+    (uint8: 0 background, 1 kidney, 2 tumour). vessels: ``imagesTr/vessel_XXX.png``
+    (RGB), ``labelsTr/vessel_XXX.png`` (uint8 0/1) and ``fovTr/vessel_XXX.png`` (0/1).
+    ``dataset.json`` lists ``training``/``validation``/``test`` (60/20/20) with paths
+    relative to it. ``kwargs`` go to :func:`make_ct_phantom` / :func:`make_vessel_phantom`.
+    """
+    if kind not in ("ct", "vessels"):
+        raise Sam3DError(f"unknown phantom kind {kind!r}: use 'ct' or 'vessels'")
+    if int(n) < 1:
+        raise Sam3DError(f"the number of cases must be at least 1, got {n}")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Sam3DError(f"cannot create the output folder {out}: {e.strerror}") from e
+    entries: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []
+    for i in _iter_cases(int(n), progress, f"phantoms ({kind})"):
+        s = case_seed(seed, i)
+        if kind == "ct":
+            ph = make_ct_phantom(s, **kwargs)
+            name = f"phantom_{i:03d}.nii.gz"
+            save_nifti(ph.image_hu, ph.affine, out / "imagesTr" / name, np.int16)
+            save_nifti(ph.label, ph.affine, out / "labelsTr" / name, np.uint8)
+            entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+            cases.append(
+                {
+                    "case": name,
+                    "seed": s,
+                    "shape_vox": list(ph.image_hu.shape),
+                    "spacing_mm": [round(v, 4) for v in ph.spacing_mm],
+                    "orientation": ph.orientation,
+                    "lesion_diameters_mm": [round(les.diameter_mm, 2) for les in ph.lesions],
+                }
+            )
+        else:
+            vp = make_vessel_phantom(s, **kwargs)
+            name = f"vessel_{i:03d}.png"
+            save_png(np.rint(vp.image * 255).astype(np.uint8), out / "imagesTr" / name)
+            save_png(vp.label, out / "labelsTr" / name)
+            save_png(vp.fov.astype(np.uint8), out / "fovTr" / name)
+            entries.append(
+                {
+                    "image": f"./imagesTr/{name}",
+                    "label": f"./labelsTr/{name}",
+                    "fov": f"./fovTr/{name}",
+                }
+            )
+            cases.append({"case": name, "seed": s, "n_trees": vp.n_trees})
+    train, val, test = split_cases(int(n))
+    meta: dict[str, Any] = {
+        "name": "sam3d-phantom-ct" if kind == "ct" else "sam3d-phantom-vessels",
+        "description": f"synthetic data from sam3d.data.phantoms (seed {seed})",
+        "reference": "sam3d",
+        "licence": "CC0",
+        "tensorImageSize": "3D" if kind == "ct" else "2D",
+        "modality": {"0": "CT"} if kind == "ct" else {"0": "fundus RGB"},
+        "labels": {"0": "background", "1": "kidney", "2": "tumour"}
+        if kind == "ct"
+        else {"0": "background", "1": "vessel"},
+        "numTraining": len(train) + len(val),
+        "numTest": len(test),
+        "training": [entries[i] for i in train],
+        "validation": [entries[i] for i in val],
+        "test": [entries[i] for i in test],
+        "phantom": {"kind": kind, "seed": seed, "cases": cases},
+    }
+    path = out / "dataset.json"
+    text = json.dumps(meta, indent=2)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
