@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sam3d.models.topolora import TopoLoRASam, build_sam
+from sam3d.models.planar.topolora import TopoLoRASam
+from sam3d.models.sam.build import build_sam
 
 VARIANTS = {
     # name: (LoRA on, fused attention, block checkpointing)

@@ -35,8 +35,9 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.utils import set_determinism
 
+from sam3d.apps.kits import ensure_dataset, load_datalist
 from sam3d.data import pipelines
-from sam3d.engine import ClickCropInferer, ensure_dataset, load_datalist, window_start
+from sam3d.engine import ClickCropInferer, window_start
 from sam3d.metrics.surface import compute_surface_dice
 from sam3d.models import build_sam3d, count_parameters
 

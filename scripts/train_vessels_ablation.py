@@ -24,7 +24,7 @@ import torch
 from sam3d.data.phantoms import make_vessel_phantom
 from sam3d.losses import BCEDiceClDiceLoss
 from sam3d.metrics.cldice import compute_cldice
-from sam3d.models.topolora import build_topolora_sam
+from sam3d.models.planar.topolora import build_topolora_sam
 
 
 def phantoms(n: int, first_seed: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

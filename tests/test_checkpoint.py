@@ -2,13 +2,13 @@ import pytest
 import torch
 from conftest import TINY_SAM
 
-from sam3d.checkpoint import (
+from sam3d.errors import Sam3DError
+from sam3d.models.sam.checkpoint import (
     check_encoder_shape,
     detect_sam_variant,
     load_sam_state_dict,
     sam_encoder_shape,
 )
-from sam3d.errors import Sam3DError
 
 
 def test_reads_official_checkpoint_and_shape(tiny_sam_checkpoint):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam3d.models.decoder3d import MLADecoder3D
+from sam3d.models.volumetric.decoder3d import MLADecoder3D
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 16), (8, 16, 24)])

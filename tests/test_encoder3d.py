@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 
-from sam3d.models.encoder3d import (
+from sam3d.models.volumetric.encoder3d import (
     ImageEncoder3D,
     PatchEmbed3D,
     WindowAttention3D,

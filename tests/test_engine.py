@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sam3d import engine
+from sam3d.apps import kits
 from sam3d.errors import Sam3DError
 
 SMALL = {"shape_vox": [48, 48, 32], "spacing_mm": [1.5, 1.5, 2.0], "n_lesions": 1}
@@ -29,15 +30,15 @@ def _nifti(path: Path, shape=(4, 4, 4)) -> None:
 def test_ensure_dataset_generates_phantoms_once_and_refuses_foreign_folders(tmp_path, caplog):
     root = tmp_path / "data"
     with caplog.at_level("WARNING", logger="sam3d.engine"):
-        assert engine.ensure_dataset(root, n_cases=3, seed=1, phantom_kwargs=SMALL) == "msd"
+        assert kits.ensure_dataset(root, n_cases=3, seed=1, phantom_kwargs=SMALL) == "msd"
     assert "generating 3 synthetic CT phantoms" in caplog.text
     spec = root / "dataset.json"
     stamp = spec.stat().st_mtime_ns
-    assert engine.ensure_dataset(root, n_cases=3, seed=1, phantom_kwargs=SMALL) == "msd"
+    assert kits.ensure_dataset(root, n_cases=3, seed=1, phantom_kwargs=SMALL) == "msd"
     assert spec.stat().st_mtime_ns == stamp  # not regenerated
     # deterministic: the same seed writes the same volumes
     other = tmp_path / "again"
-    engine.ensure_dataset(other, n_cases=3, seed=1, phantom_kwargs=SMALL)
+    kits.ensure_dataset(other, n_cases=3, seed=1, phantom_kwargs=SMALL)
     first = json.loads(spec.read_text())["training"][0]["image"]
     a, b = nib.load(root / first).get_fdata(), nib.load(other / first).get_fdata()
     assert np.array_equal(a, b)
@@ -45,7 +46,7 @@ def test_ensure_dataset_generates_phantoms_once_and_refuses_foreign_folders(tmp_
     foreign.mkdir()
     (foreign / "notes.txt").write_text("x")
     with pytest.raises(Sam3DError, match="neither an MSD-style dataset.json"):
-        engine.ensure_dataset(foreign)
+        kits.ensure_dataset(foreign)
 
 
 def test_datalist_uses_the_msd_splits_it_is_given(tmp_path):
@@ -57,19 +58,19 @@ def test_datalist_uses_the_msd_splits_it_is_given(tmp_path):
     }
     spec = {"training": [entry["a"], entry["b"]], "validation": [entry["c"]], "test": [entry["d"]]}
     (tmp_path / "dataset.json").write_text(json.dumps(spec))
-    val = engine.load_datalist(tmp_path, "validation")
+    val = kits.load_datalist(tmp_path, "validation")
     assert val == [
         {
             "image": str(tmp_path / "imagesTr" / "c.nii.gz"),
             "label": str(tmp_path / "labelsTr" / "c.nii.gz"),
         }
     ]
-    assert [Path(d["image"]).name for d in engine.load_datalist(tmp_path, "test")] == ["d.nii.gz"]
+    assert [Path(d["image"]).name for d in kits.load_datalist(tmp_path, "test")] == ["d.nii.gz"]
     with pytest.raises(Sam3DError, match="unknown split"):
-        engine.load_datalist(tmp_path, "train")
+        kits.load_datalist(tmp_path, "train")
     (tmp_path / "imagesTr" / "a.nii.gz").unlink()
     with pytest.raises(Sam3DError, match="missing"):
-        engine.load_datalist(tmp_path, "training")
+        kits.load_datalist(tmp_path, "training")
 
 
 def test_datalist_carves_unlabelled_msd_and_kits21_deterministically(tmp_path):
@@ -84,24 +85,21 @@ def test_datalist_carves_unlabelled_msd_and_kits21_deterministically(tmp_path):
         json.dumps({"training": entries, "test": ["./imagesTs/x.nii.gz"]})
     )
     splits = {
-        s: engine.load_datalist(msd, s, 0.2, 0.2, seed=3)
-        for s in ("training", "validation", "test")
+        s: kits.load_datalist(msd, s, 0.2, 0.2, seed=3) for s in ("training", "validation", "test")
     }
     names = {s: {Path(d["image"]).name for d in v} for s, v in splits.items()}
     assert [len(names[s]) for s in ("training", "validation", "test")] == [6, 2, 2]
     assert set.union(*names.values()) == {f"c{i}.nii.gz" for i in range(10)}
     assert not (names["training"] & names["test"]) and not (names["validation"] & names["test"])
-    assert splits["test"] == engine.load_datalist(msd, "test", 0.2, 0.2, seed=3)
-    assert splits["test"] != engine.load_datalist(msd, "test", 0.2, 0.2, seed=4)
+    assert splits["test"] == kits.load_datalist(msd, "test", 0.2, 0.2, seed=3)
+    assert splits["test"] != kits.load_datalist(msd, "test", 0.2, 0.2, seed=4)
     # KiTS21 case folders
-    kits = tmp_path / "kits21"
+    k21 = tmp_path / "kits21"
     for i in range(5):
-        _nifti(kits / f"case_{i:05d}" / "imaging.nii.gz")
-        _nifti(kits / f"case_{i:05d}" / "aggregated_MAJ_seg.nii.gz")
-    assert engine.find_dataset(kits) == "kits21"
-    all_cases = [
-        d for s in ("training", "validation", "test") for d in engine.load_datalist(kits, s)
-    ]
+        _nifti(k21 / f"case_{i:05d}" / "imaging.nii.gz")
+        _nifti(k21 / f"case_{i:05d}" / "aggregated_MAJ_seg.nii.gz")
+    assert kits.find_dataset(k21) == "kits21"
+    all_cases = [d for s in ("training", "validation", "test") for d in kits.load_datalist(k21, s)]
     assert sorted(Path(d["label"]).parent.name for d in all_cases) == [
         f"case_{i:05d}" for i in range(5)
     ]
@@ -197,8 +195,8 @@ def test_supervised_trainer_with_clicks_lowers_the_loss_on_a_fixed_phantom(tmp_p
     from sam3d.data import pipelines
     from sam3d.models import build_sam3d
 
-    engine.ensure_dataset(tmp_path / "d", n_cases=1, seed=2, phantom_kwargs=SMALL)
-    case = engine.load_datalist(tmp_path / "d", "training", 0.0, 0.0)[0]
+    kits.ensure_dataset(tmp_path / "d", n_cases=1, seed=2, phantom_kwargs=SMALL)
+    case = kits.load_datalist(tmp_path / "d", "training", 0.0, 0.0)[0]
     chain = pipelines.train_transforms(pipelines.load_dataset_preset("kits"), crop_size=32)
     chain.set_random_state(seed=0)
     samples = []
@@ -292,7 +290,7 @@ def test_datalist_carves_only_the_missing_split(tmp_path):
     spec = {"training": entries[:5], "validation": entries[5:]}
     (tmp_path / "dataset.json").write_text(json.dumps(spec))
     names = {
-        s: sorted(Path(d["image"]).name for d in engine.load_datalist(tmp_path, s, 0.2, 0.2))
+        s: sorted(Path(d["image"]).name for d in kits.load_datalist(tmp_path, s, 0.2, 0.2))
         for s in ("training", "validation", "test")
     }
     assert names["validation"] == ["c5.nii.gz"]

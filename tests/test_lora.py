@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sam3d.errors import Sam3DError
-from sam3d.models.lora import (
+from sam3d.models.sam.lora import (
     LoRALinear,
     count_lora_parameters,
     inject_lora,

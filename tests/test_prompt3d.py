@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sam3d.models.prompt3d import PromptEncoder3D, points_to_grid, sample_point_tokens
+from sam3d.models.volumetric.prompt3d import PromptEncoder3D, points_to_grid, sample_point_tokens
 
 
 def _encoder() -> PromptEncoder3D:

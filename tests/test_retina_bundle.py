@@ -10,15 +10,12 @@ import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
+from sam3d.apps.retina import retina_datalist
+from sam3d.data.planar import BinarizeMaskd, ToSamRGBd
+from sam3d.data.planar import find_image_mask_dataset as find_retina_dataset
+from sam3d.engine import GradientClipping as GradientClipHandler
 from sam3d.errors import Sam3DError
-from sam3d.retina import (
-    BinarizeMaskd,
-    GradientClipHandler,
-    ToSamRGBd,
-    find_retina_dataset,
-    load_topolora_checkpoint,
-    retina_datalist,
-)
+from sam3d.models.checkpoint import load_trained
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina"
 PHANTOM_HW = (96, 80)  # non-square: catches any H/W swap between image, logits and metrics
@@ -64,7 +61,7 @@ def test_training_writes_checkpoints_phantoms_and_mlflow_metrics(trained):
     assert (trained / "models" / "model.pt").is_file() and (
         trained / "models" / "last.pt"
     ).is_file()
-    model, meta = load_topolora_checkpoint(trained / "models" / "model.pt")
+    model, meta = load_trained(trained / "models" / "model.pt", kind="topolora")
     assert meta["epoch"] == 1 and "val_dice" in meta
     assert model.img_size == 256 and model.parameter_counts()["lora"] > 0
     # the adapter and decoder have moved away from their initial values: training happened
@@ -147,12 +144,22 @@ def test_image_mask_folders_pair_by_stem_with_dataset_suffixes(tmp_path):
 
 
 def test_split_folders_and_unknown_layouts(tmp_path):
-    for split in ("train", "test"):
-        _png(tmp_path / split / "images" / "a.png", np.zeros((4, 4, 3), np.uint8))
-        _png(tmp_path / split / "labels" / "a.png", np.zeros((4, 4), np.uint8))
+    # DRIVE's layout: train/ and test/ only. Validation is carved from train/, never test/.
+    for split, names in (("train", "abc"), ("test", "d")):
+        for n in names:
+            _png(tmp_path / split / "images" / f"{n}.png", np.zeros((4, 4, 3), np.uint8))
+            _png(tmp_path / split / "labels" / f"{n}.png", np.zeros((4, 4), np.uint8))
     splits = find_retina_dataset(tmp_path)
-    assert "/train/" in splits["training"][0]["image"] and "/test/" in splits["test"][0]["image"]
-    assert splits["validation"] == splits["test"]
+    assert [c["image"].rsplit("/", 1)[-1] for c in splits["test"]] == ["d.png"]
+    assert all("/train/" in c["image"] for c in splits["training"] + splits["validation"])
+    assert len(splits["validation"]) == 1 and len(splits["training"]) == 2
+    assert not {c["image"] for c in splits["validation"]} & {c["image"] for c in splits["test"]}
+    for n in "bc":
+        (tmp_path / "train" / "images" / f"{n}.png").unlink()
+        (tmp_path / "train" / "labels" / f"{n}.png").unlink()
+    assert find_retina_dataset(tmp_path)["validation"] == []  # one training case: none to carve
+    with pytest.raises(Sam3DError, match="validation split .* is empty"):
+        retina_datalist(tmp_path, "validation")
     other = tmp_path / "other"
     _png(other / "random.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(Sam3DError, match="no dataset found"):

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 from conftest import TINY_SAM, requires_cuda
@@ -12,7 +10,7 @@ from sam3d.models import (
     load_sam3d_checkpoint,
     save_sam3d_checkpoint,
 )
-from sam3d.models.sam3d import PRESET_DIR, resolve_preset
+from sam3d.models.volumetric.sam3d import PRESET_DIR, resolve_preset
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,7 @@ def test_presets_are_json_and_build_the_same_class():
     names = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
     assert {"vit_b", "vit_l", "vit_h", "tiny"} <= set(names)
     for name in ("vit_l", "vit_h"):
-        cfg = json.loads((PRESET_DIR / f"{name}.json").read_text())
+        cfg = resolve_preset(PRESET_DIR / f"{name}.json")
         assert len(cfg["neck_blocks"]) == 4 and cfg["neck_blocks"][-1] == cfg["depth"]
 
 

@@ -12,19 +12,18 @@ from segment_anything.modeling.image_encoder import Attention
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sam3d.errors import Sam3DError
-from sam3d.models.lora import LoRALinear, merge_lora
-from sam3d.models.sam_vit import (
+from sam3d.models.planar.topolora import (
+    SpatialAdapter,
+    TopoLoRASam,
+    build_topolora_sam,
+)
+from sam3d.models.sam.build import build_sam, resize_sam_state_dict
+from sam3d.models.sam.lora import LoRALinear, merge_lora
+from sam3d.models.sam.memory import (
     CheckpointedBlock,
     FusedRelPosAttention,
     use_block_checkpointing,
     use_fused_attention,
-)
-from sam3d.models.topolora import (
-    SpatialAdapter,
-    TopoLoRASam,
-    build_sam,
-    build_topolora_sam,
-    resize_sam_state_dict,
 )
 from tests.conftest import TINY_SAM, requires_cuda
 
@@ -174,7 +173,7 @@ def test_wraps_an_already_built_sam_and_rejects_other_modules(tiny_sam_checkpoin
 def test_smaller_input_resizes_position_tables_like_segment_anything(tiny_sam_checkpoint, image):
     from segment_anything.modeling.image_encoder import get_rel_pos
 
-    from sam3d.checkpoint import load_sam_state_dict
+    from sam3d.models.sam.checkpoint import load_sam_state_dict
 
     model = build_topolora_sam("tiny", sam_checkpoint=tiny_sam_checkpoint, image_size=256)
     assert model.img_size == 256

@@ -1,8 +1,9 @@
-"""Read Segment Anything checkpoints safely and tell which model they hold.
+"""Read Segment Anything checkpoints and tell which model they hold.
 
-Loading is ``torch.load(..., weights_only=True)`` only: a checkpoint is data,
-never code. The 2D -> 3D weight mapping of the volumetric model and the loading
-of TopoLoRA-SAM both start from :func:`load_sam_state_dict`.
+Files are read by :func:`sam3d.models.checkpoint.read_checkpoint` (``weights_only``).
+Every model built from SAM (the volumetric mapping, the planar wrappers) starts from
+:func:`load_sam_state_dict`; the shapes of the official presets are those of
+``configs/sam/``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,25 @@ from pathlib import Path
 import torch
 
 from sam3d.errors import Sam3DError
+from sam3d.models.checkpoint import read_checkpoint
+from sam3d.presets import preset_names, read_preset
 
-# Encoder shapes of the official presets (segment_anything/build_sam.py).
-SAM_VARIANTS: dict[str, dict[str, int]] = {
-    "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12},
-    "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
-    "vit_h": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
-}
+
+def _official_variants() -> dict[str, dict[str, int]]:
+    """Encoder shapes of the presets with official weights (``configs/sam/``)."""
+    out = {}
+    for name in preset_names("sam"):
+        spec = read_preset("sam", name)
+        if spec.get("official_checkpoint"):
+            out[name] = {
+                "embed_dim": spec["encoder_embed_dim"],
+                "depth": spec["encoder_depth"],
+                "num_heads": spec["encoder_num_heads"],
+            }
+    return out
+
+
+SAM_VARIANTS: dict[str, dict[str, int]] = _official_variants()
 
 _REQUIRED_KEYS = ("image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed")
 
@@ -48,16 +61,7 @@ def load_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     a file torch cannot read, or a file that is not a SAM checkpoint.
     """
     p = Path(path)
-    if not p.is_file():
-        raise Sam3DError(f"SAM checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise Sam3DError(f"cannot read SAM checkpoint {p}: {e.strerror or e}") from e
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise Sam3DError(
-            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"
-        ) from e
+    obj = read_checkpoint(p, "PyTorch checkpoint of SAM weights")
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
             if isinstance(obj.get(wrapper), dict):
@@ -127,57 +131,3 @@ def check_encoder_shape(
             f"depth={shape['depth']}) but the model needs {wanted}; "
             "pick the preset that matches the checkpoint"
         )
-
-
-def map_sam_to_sam3d(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> LoadReport:
-    """Copy a SAM checkpoint's image-encoder weights into a :class:`~sam3d.models.Sam3D`.
-
-    The mapping, key by key (``image_encoder.X`` -> ``encoder.X``):
-
-    - ``patch_embed.proj.{weight,bias}``: SAM's 2D patch conv, folded with the new depth
-      conv into the 3D patch embedding at run time (kept at its 2D shape);
-    - ``pos_embed``: SAM's 64x64 absolute embedding (pooled to the token grid at run time);
-    - ``blocks.i.{norm1,norm2,attn.qkv,attn.proj,attn.rel_pos_h,attn.rel_pos_w,mlp.lin1,
-      mlp.lin2}``: as they are (relative-position tables are interpolated to the 3D window
-      at run time);
-    - ``blocks.i.attn.rel_pos_d`` (new) starts at the mean of ``rel_pos_h`` and ``rel_pos_w``.
-
-    SAM's 2D neck, prompt encoder and mask decoder are ignored. Everything else in the model
-    (adapters, depth conv, depth embedding, necks, prompt encoder, decoder) is new.
-    Raises :class:`Sam3DError` when the checkpoint's encoder does not fit the model.
-    """
-    params = dict(model.named_parameters())
-    enc = model.encoder
-    check_encoder_shape(
-        state_dict,
-        embed_dim=enc.pos_embed.shape[-1],
-        depth=len(enc.blocks),
-        source="the SAM checkpoint",
-    )
-    report = LoadReport()
-    targets: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        name = (
-            "encoder." + key[len("image_encoder.") :] if key.startswith("image_encoder.") else None
-        )
-        if name is None or name not in params:
-            report.ignored.append(key)
-            continue
-        if tuple(params[name].shape) != tuple(value.shape):
-            raise Sam3DError(
-                f"the SAM checkpoint's {key} has shape {tuple(value.shape)} but the model needs "
-                f"{tuple(params[name].shape)}; pick the preset that matches the checkpoint"
-            )
-        targets[name] = value
-        report.used.append(key)
-    for i in range(len(enc.blocks)):
-        h = targets.get(f"encoder.blocks.{i}.attn.rel_pos_h")
-        w = targets.get(f"encoder.blocks.{i}.attn.rel_pos_w")
-        if h is not None and w is not None:
-            targets[f"encoder.blocks.{i}.attn.rel_pos_d"] = 0.5 * (h + w)
-    with torch.no_grad():
-        for name, value in targets.items():
-            params[name].copy_(value.to(params[name].dtype))
-    mapped = {k for k in targets if not k.endswith("attn.rel_pos_d")}
-    report.new = [n for n in params if n not in mapped]
-    return report

@@ -1,4 +1,4 @@
-"""Glue for the retina (TopoLoRA-SAM) bundle: datasets, 2D image transforms, handlers.
+"""2D image datasets and transforms shared by the planar bundles.
 
 Datasets are found in ``dataset_dir`` in one of three layouts (first match wins):
 
@@ -12,31 +12,29 @@ Datasets are found in ``dataset_dir`` in one of three layouts (first match wins)
 Images and masks pair by file name stem, ignoring the usual dataset suffixes
 (DRIVE ``21_training.tif`` / ``21_manual1.gif``, CHASE_DB1 ``Image_01L.jpg`` /
 ``Image_01L_1stHO.png``, STARE ``im0001.ppm`` / ``im0001.ah.ppm``, Kvasir-SEG same name).
-An empty or missing ``dataset_dir`` is filled with 2D vessel phantoms (logged).
+Missing validation / test lists are carved from the training cases (seeded, logged).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.data import PILWriter
-from monai.engines.utils import IterationEvents
 from monai.transforms import MapTransform
 
+from sam3d.data.splits import complete_splits
 from sam3d.errors import Sam3DError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bmp")
-SPLITS = ("training", "validation", "test")
 _SPLIT_FOLDERS = {
     "training": ("training", "train"),
     "validation": ("validation", "val"),
@@ -95,28 +93,19 @@ def _mask_folder(folder: Path) -> Path | None:
     return next((folder / m for m in _MASK_FOLDERS if (folder / m).is_dir()), None)
 
 
-def _split_pairs(pairs: list[dict[str, str]], seed: int) -> dict[str, list[dict[str, str]]]:
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n = len(pairs)
-    n_val = max(1, round(0.2 * n)) if n >= 3 else 0
-    n_test = max(1, round(0.2 * n)) if n >= 3 else 0
-    n_train = n - n_val - n_test
-    pick = [pairs[i] for i in order]
-    return {
-        "training": pick[:n_train],
-        "validation": pick[n_train : n_train + n_val] or pick[:n_train],
-        "test": pick[n_train + n_val :] or pick[:n_train],
-    }
+def _mask_folder(folder: Path) -> Path | None:
+    return next((folder / m for m in _MASK_FOLDERS if (folder / m).is_dir()), None)
 
 
-def find_retina_dataset(
+def find_image_mask_dataset(
     dataset_dir: str | Path, seed: int = 0
 ) -> dict[str, list[dict[str, str]]] | None:
     """The ``training`` / ``validation`` / ``test`` lists of a dataset folder, or None if empty.
 
-    Paths in the lists are absolute. Raises :class:`Sam3DError` for a folder that holds
-    files but none of the layouts in this module's docstring.
+    Paths in the lists are absolute. Lists the folder does not give are carved from its
+    training cases by :func:`sam3d.data.splits.complete_splits` (validation never from
+    test). Raises :class:`Sam3DError` for a folder that holds files but none of the
+    layouts in this module's docstring.
     """
     d = Path(dataset_dir)
     if not d.exists() or (d.is_dir() and not any(d.iterdir())):
@@ -130,7 +119,7 @@ def find_retina_dataset(
         except (OSError, ValueError) as e:
             raise Sam3DError(f"cannot read {index}: {e}") from e
         out = {}
-        for split in SPLITS:
+        for split in ("training", "validation", "test"):
             items = meta.get(split) or []
             out[split] = [
                 {
@@ -139,11 +128,7 @@ def find_retina_dataset(
                 }
                 for it in items
             ]
-        if not out["training"]:
-            raise Sam3DError(f"{index} lists no training cases")
-        out["validation"] = out["validation"] or out["training"]
-        out["test"] = out["test"] or out["validation"]
-        return out
+        return complete_splits(out, seed=seed, source=str(index))
     split_dirs = {
         split: next((d / f for f in names if (d / f / "images").is_dir()), None)
         for split, names in _SPLIT_FOLDERS.items()
@@ -155,51 +140,17 @@ def find_retina_dataset(
             if folder is not None and masks is None:
                 raise Sam3DError(f"{folder} has images/ but no masks/ (or labels/) folder")
             out[split] = pair_image_mask_folders(folder / "images", masks) if folder else []
-        if not out["validation"] and not out["test"]:
-            split = _split_pairs(out["training"], seed)
-            return split
-        out["validation"] = out["validation"] or out["test"]
-        out["test"] = out["test"] or out["validation"]
-        return out
+        return complete_splits(out, seed=seed, source=str(d))
     if (d / "images").is_dir():
         masks = _mask_folder(d)
         if masks is None:
             raise Sam3DError(f"{d} has images/ but no masks/ (or labels/) folder")
-        return _split_pairs(pair_image_mask_folders(d / "images", masks), seed)
+        pairs = pair_image_mask_folders(d / "images", masks)
+        return complete_splits({"training": pairs}, seed=seed, source=str(d))
     raise Sam3DError(
         f"no dataset found in {d}: expected dataset.json, images/ + masks/, or "
         "training/images + training/masks (an empty folder is filled with phantoms)"
     )
-
-
-def retina_datalist(
-    dataset_dir: str | Path,
-    split: str = "training",
-    n_phantoms: int = 20,
-    phantom_size: Sequence[int] = (256, 256),
-    seed: int = 0,
-) -> list[dict[str, str]]:
-    """The cases of one split (``training``, ``validation`` or ``test``) of ``dataset_dir``.
-
-    A missing or empty ``dataset_dir`` is first filled with ``n_phantoms`` 2D vessel
-    phantoms of ``phantom_size`` (H, W) pixels.
-    """
-    if split not in SPLITS:
-        raise Sam3DError(f"split must be one of {SPLITS}, got {split!r}")
-    found = find_retina_dataset(dataset_dir, seed)
-    if found is None:
-        from sam3d.data.phantoms import write_phantom_dataset
-
-        logger.warning(
-            "no dataset in %s: generating %d vessel phantoms of %s px there (seed %d)",
-            dataset_dir, n_phantoms, tuple(phantom_size), seed,
-        )  # fmt: skip
-        write_phantom_dataset(
-            "vessels", Path(dataset_dir), int(n_phantoms), seed=seed, size=tuple(phantom_size)
-        )
-        found = find_retina_dataset(dataset_dir, seed)
-        assert found is not None
-    return found[split]
 
 
 def image_datalist(folder: str | Path) -> list[dict[str, str]]:
@@ -211,54 +162,6 @@ def image_datalist(folder: str | Path) -> list[dict[str, str]]:
     if not items:
         raise Sam3DError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {d}")
     return items
-
-
-def load_topolora_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a trained TopoLoRA-SAM from the bundle's ``models/model.pt``.
-
-    The file is ``{"preset": TopoLoRA settings, "state_dict": ..., "meta": ...}`` (read
-    with ``weights_only=True``); returns ``(model in eval mode, meta)``.
-    """
-    from sam3d.models.topolora import build_topolora_sam
-
-    ckpt = read_retina_checkpoint(path, map_location)
-    if not isinstance(ckpt.get("preset"), dict) or "state_dict" not in ckpt:
-        raise Sam3DError(f"{path} is not a TopoLoRA-SAM checkpoint of the retina bundle")
-    model = build_topolora_sam(**ckpt["preset"])
-    load_trained_weights(model, ckpt)
-    return model.eval(), dict(ckpt.get("meta") or {})
-
-
-def read_retina_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read ``models/model.pt`` safely (``weights_only``); :class:`Sam3DError` if unusable."""
-    p = Path(path)
-    if not p.is_file():
-        raise Sam3DError(f"trained checkpoint not found: {p} (train the bundle first)")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise Sam3DError(f"cannot read the checkpoint {p} ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict):
-        raise Sam3DError(f"{p} is not a checkpoint of the retina bundle")
-    return ckpt
-
-
-def load_trained_weights(
-    network: torch.nn.Module, checkpoint: str | Path | dict
-) -> torch.nn.Module:
-    """Load ``model.pt`` (a path or its loaded dict) into ``network``; returns ``network``."""
-    ckpt = checkpoint if isinstance(checkpoint, dict) else read_retina_checkpoint(checkpoint)
-    state = ckpt.get("state_dict", ckpt)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise Sam3DError(
-            f"the checkpoint does not fit this network ({str(e).splitlines()[0]}); "
-            "build the network with the settings it was trained with"
-        ) from e
-    return network
 
 
 class ToSamRGBd(MapTransform):
@@ -321,51 +224,3 @@ class PILWriterHW(PILWriter):
     def write(self, filename, verbose: bool = False, **kwargs):  # noqa: D102
         kwargs.setdefault("reverse_indexing", False)
         super().write(filename, verbose=verbose, **kwargs)
-
-
-class GradientClipHandler:
-    """Clip the gradient norm right before each optimizer step of a ``SupervisedTrainer``.
-
-    Understands MONAI's ``accumulation_steps`` (clips only on the iterations that step)
-    and unscales AMP gradients first, so ``max_norm`` is in true gradient units.
-    """
-
-    def __init__(self, max_norm: float = 1.0):
-        self.max_norm = float(max_norm)
-
-    def attach(self, engine) -> None:
-        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
-
-    def _will_step(self, engine) -> bool:
-        acc = getattr(engine, "accumulation_steps", 1)
-        if acc <= 1:
-            return True
-        length = engine.state.epoch_length
-        it = engine.state.iteration - 1
-        local = it % length if length is not None else it
-        return (local + 1) % acc == 0 or (length is not None and local + 1 == length)
-
-    def __call__(self, engine) -> None:
-        if not self._will_step(engine):
-            return
-        if engine.amp and getattr(engine, "scaler", None) is not None:
-            engine.scaler.unscale_(engine.optimizer)
-        params = [
-            p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None
-        ]
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
-
-
-__all__ = [
-    "BinarizeMaskd",
-    "GradientClipHandler",
-    "PILWriterHW",
-    "ToSamRGBd",
-    "find_retina_dataset",
-    "image_datalist",
-    "load_topolora_checkpoint",
-    "load_trained_weights",
-    "read_retina_checkpoint",
-    "pair_image_mask_folders",
-    "retina_datalist",
-]

@@ -28,7 +28,7 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sam3d.models.blocks import (
+from sam3d.models.volumetric.blocks import (
     Adapter3d,
     LayerNorm3d,
     pad_to_windows,

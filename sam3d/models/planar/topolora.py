@@ -19,38 +19,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
     Sam,
-    TwoWayTransformer,
 )
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from sam3d.checkpoint import SAM_VARIANTS, check_encoder_shape, load_sam_state_dict
 from sam3d.errors import Sam3DError
-from sam3d.models.lora import count_lora_parameters, inject_lora, lora_parameters
-from sam3d.models.sam_vit import use_block_checkpointing, use_fused_attention
-
-# Encoder shapes of the SAMs TopoLoRA can wrap; "tiny" is the tests' random SAM.
-SAM_PRESETS: dict[str, dict[str, Any]] = {
-    "vit_b": {"encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12,
-              "encoder_global_attn_indexes": [2, 5, 8, 11]},
-    "vit_l": {"encoder_embed_dim": 1024, "encoder_depth": 24, "encoder_num_heads": 16,
-              "encoder_global_attn_indexes": [5, 11, 17, 23]},
-    "vit_h": {"encoder_embed_dim": 1280, "encoder_depth": 32, "encoder_num_heads": 16,
-              "encoder_global_attn_indexes": [7, 15, 23, 31]},
-    "tiny": {"encoder_embed_dim": 64, "encoder_depth": 4, "encoder_num_heads": 2,
-             "encoder_global_attn_indexes": [1, 3]},
-}  # fmt: skip
-assert all(SAM_PRESETS[k]["encoder_embed_dim"] == v["embed_dim"] for k, v in SAM_VARIANTS.items())
+from sam3d.models.sam.build import build_sam
+from sam3d.models.sam.lora import count_lora_parameters, inject_lora, lora_parameters
+from sam3d.models.sam.memory import use_block_checkpointing, use_fused_attention
 
 
 class SpatialAdapter(nn.Module):
@@ -210,102 +191,6 @@ class TopoLoRASam(nn.Module):
         }
 
 
-def _compose_sam(spec: dict[str, Any], image_size: int) -> Sam:
-    """segment_anything's ``_build_sam`` with the input side as a parameter (1024 there)."""
-    patch = 16
-    grid = image_size // patch
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=spec["encoder_depth"],
-            embed_dim=spec["encoder_embed_dim"],
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=spec["encoder_num_heads"],
-            patch_size=patch,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=spec["encoder_global_attn_indexes"],
-            window_size=14,
-            out_chans=256,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=256,
-            image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
-
-
-def resize_sam_state_dict(state: dict[str, torch.Tensor], sam: Sam) -> dict[str, torch.Tensor]:
-    """Fit a 1024-input SAM state dict to a SAM built for another input side.
-
-    The absolute position embedding (``1 x g x g x C``) is resized bicubically and the
-    global blocks' relative-position tables (``2g-1 x head_dim``) linearly, as
-    segment_anything's ``get_rel_pos`` does at run time; other tensors pass through.
-    """
-    target = sam.state_dict()
-    out = dict(state)
-    for key, value in state.items():
-        want = target.get(key)
-        if want is None or want.shape == value.shape:
-            continue
-        if key.endswith("pos_embed") and value.ndim == 4:
-            x = value.permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, want.shape[1:3], mode="bicubic", align_corners=False)
-            out[key] = x.permute(0, 2, 3, 1).to(value.dtype)
-        elif ".rel_pos_" in key and value.ndim == 2:
-            x = value.t()[None].float()
-            x = F.interpolate(x, size=want.shape[0], mode="linear", align_corners=False)
-            out[key] = x[0].t().to(value.dtype)
-    return out
-
-
-def build_sam(
-    preset: str | dict = "vit_b",
-    sam_checkpoint: str | os.PathLike | None = None,
-    image_size: int = 1024,
-) -> Sam:
-    """An official ``Sam`` of a preset (name or ``_build_sam`` kwargs), weights from a checkpoint.
-
-    Weights are read by :func:`sam3d.checkpoint.load_sam_state_dict` (``weights_only``);
-    a checkpoint of another encoder size raises :class:`Sam3DError`. ``image_size``
-    other than SAM's 1024 (a multiple of 16; cheaper, e.g. for CPU tests) resizes the
-    checkpoint's position tables with :func:`resize_sam_state_dict`.
-    """
-    if isinstance(preset, str):
-        if preset not in SAM_PRESETS:
-            raise Sam3DError(f"unknown SAM preset {preset!r}; choose one of {sorted(SAM_PRESETS)}")
-        spec = dict(SAM_PRESETS[preset])
-    else:
-        spec = dict(preset)
-    if image_size < 64 or image_size % 16:
-        raise Sam3DError(f"image_size must be a multiple of 16 and at least 64, got {image_size}")
-    sam = _compose_sam(spec, int(image_size))
-    if sam_checkpoint is not None:
-        state = load_sam_state_dict(sam_checkpoint)
-        check_encoder_shape(
-            state, spec["encoder_embed_dim"], spec["encoder_depth"], source=str(sam_checkpoint)
-        )
-        try:
-            sam.load_state_dict(resize_sam_state_dict(state, sam))
-        except RuntimeError as e:
-            raise Sam3DError(
-                f"{sam_checkpoint} does not fit the SAM preset: {str(e).splitlines()[0]}"
-            ) from e
-    return sam
-
-
 def build_topolora_sam(
     sam: Sam | str | dict = "vit_b",
     sam_checkpoint: str | os.PathLike | None = None,
@@ -317,8 +202,12 @@ def build_topolora_sam(
     ``image_size`` is SAM's square input side (see :func:`build_sam`); ``kwargs`` go to
     :class:`TopoLoRASam` (``lora_rank``, ``fused_attention``, ...).
     """
+    config = None
     if not isinstance(sam, Sam):
+        config = {"sam": sam, "image_size": int(image_size), **kwargs}
         sam = build_sam(sam, sam_checkpoint, image_size)
     elif sam_checkpoint is not None:
         raise Sam3DError("pass either a built Sam or a sam_checkpoint, not both")
-    return TopoLoRASam(sam, **kwargs)
+    model = TopoLoRASam(sam, **kwargs)
+    model.config = config  # what the registry rebuilds it from (None: a Sam passed in)
+    return model

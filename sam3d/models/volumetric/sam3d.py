@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
-from sam3d.models.decoder3d import MLADecoder3D
-from sam3d.models.encoder3d import ImageEncoder3D
-from sam3d.models.prompt3d import PromptEncoder3D
+from sam3d.models.checkpoint import load_trained, save_trained
+from sam3d.models.sam.build import sam_preset
+from sam3d.models.volumetric.decoder3d import MLADecoder3D
+from sam3d.models.volumetric.encoder3d import ImageEncoder3D
+from sam3d.models.volumetric.prompt3d import PromptEncoder3D
 from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ PRESET_DIR = CONFIG_DIR / "model"
 # Every key a preset may set, with the vit_b value as default.
 PRESET_DEFAULTS: dict[str, Any] = {
     "name": "custom",
+    "sam": "vit_b",  # the SAM preset (configs/sam/) whose encoder shape the 3D encoder takes
     "embed_dim": 768,
     "depth": 12,
     "num_heads": 12,
@@ -106,6 +108,7 @@ class Sam3D(nn.Module):
         self.decoder = decoder
         self.crop_size = int(crop_size)
         self.preset = dict(preset or {})
+        self.config = self.preset  # what the registry rebuilds it from
         self.load_report = None
 
     @property
@@ -179,13 +182,24 @@ def available_presets() -> list[str]:
 
 
 def resolve_preset(preset: str | os.PathLike | dict[str, Any], **overrides) -> dict[str, Any]:
-    """A full preset dict from a name, a JSON path or a dict, with overrides applied."""
+    """A full preset dict from a name, a JSON path or a dict, with overrides applied.
+
+    The encoder's width, depth, heads and global blocks come from the SAM preset named
+    by ``sam`` (``configs/sam/``) unless the preset sets them itself.
+    """
     cfg = dict(preset) if isinstance(preset, dict) else read_preset("model", preset)
     cfg.update(overrides)
     unknown = sorted(set(cfg) - set(PRESET_DEFAULTS))
     if unknown:
         raise Sam3DError(f"unknown model option(s) {', '.join(unknown)}")
-    return {**PRESET_DEFAULTS, **cfg}
+    shape = sam_preset(cfg.get("sam", PRESET_DEFAULTS["sam"]))
+    from_sam = {
+        "embed_dim": shape["encoder_embed_dim"],
+        "depth": shape["encoder_depth"],
+        "num_heads": shape["encoder_num_heads"],
+        "global_attn_indexes": list(shape["encoder_global_attn_indexes"]),
+    }
+    return {**PRESET_DEFAULTS, **from_sam, **cfg}
 
 
 def build_sam3d(
@@ -201,7 +215,7 @@ def build_sam3d(
             image-encoder weights are mapped into the 3D encoder; None: random init.
         overrides: preset keys to change (e.g. ``use_checkpoint=True``).
 
-    The mapping's :class:`~sam3d.checkpoint.LoadReport` is kept as ``model.load_report``.
+    The mapping's :class:`~sam3d.models.sam.checkpoint.LoadReport` is kept as ``model.load_report``.
     """
     cfg = resolve_preset(preset, **overrides)
     encoder = ImageEncoder3D(
@@ -237,7 +251,8 @@ def build_sam3d(
     )
     model = Sam3D(encoder, prompt_encoder, decoder, cfg["crop_size"], preset=cfg)
     if sam_checkpoint is not None:
-        from sam3d.checkpoint import load_sam_state_dict, map_sam_to_sam3d
+        from sam3d.models.sam.checkpoint import load_sam_state_dict
+        from sam3d.models.volumetric.mapping import map_sam_to_sam3d
 
         report = map_sam_to_sam3d(load_sam_state_dict(sam_checkpoint), model)
         logger.info("SAM weights from %s: %s", sam_checkpoint, report.summary())
@@ -248,44 +263,19 @@ def build_sam3d(
 def save_sam3d_checkpoint(
     model: Sam3D, path: str | os.PathLike, meta: dict[str, Any] | None = None, **extra: Any
 ) -> Path:
-    """Write ``{"preset", "state_dict", "meta", **extra}`` atomically; returns the path.
-
-    ``extra`` holds further plain-data top-level entries (e.g. ``dataset=<preset dict>``).
-    """
-    obj = {"preset": dict(model.preset), "state_dict": model.state_dict(), "meta": dict(meta or {})}
-    obj.update(extra)
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """Write the trained-checkpoint format (:func:`sam3d.models.checkpoint.save_trained`)."""
+    return save_trained(path, model, dict(model.preset), meta, "sam3d", **extra)
 
 
 def load_sam3d_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[Sam3D, dict[str, Any]]:
-    """Rebuild a trained :class:`Sam3D` from ``{"preset", "state_dict", ...}``.
+    """Rebuild a trained :class:`Sam3D` (:func:`sam3d.models.checkpoint.load_trained`).
 
     Returns the model (eval mode) and its metadata: the ``meta`` dict merged with every
     other top-level entry (e.g. ``dataset``). Raises :class:`Sam3DError` for a missing,
     unreadable or foreign file, or weights that do not fit the stored preset.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise Sam3DError(f"Sam3D checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, foreign, or pickled code
-        raise Sam3DError(
-            f"{p} is not a readable Sam3D checkpoint ({type(e).__name__}: {str(e)[:200]})"
-        ) from e
-    if not isinstance(obj, dict) or "state_dict" not in obj or "preset" not in obj:
-        raise Sam3DError(
-            f"{p} is not a Sam3D checkpoint (expected the keys 'preset' and 'state_dict'; "
-            "a SAM checkpoint goes to build_sam3d(sam_checkpoint=...))"
-        )
-    preset = obj["preset"]
-    model = build_sam3d(preset)
-    try:
-        model.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise Sam3DError(f"{p}: weights do not fit preset {model.preset.get('name')!r}: {e}") from e
-    meta = {k: v for k, v in obj.items() if k not in ("preset", "state_dict", "meta")}
-    meta.update(obj.get("meta") or {})
-    return model.to(map_location).eval(), meta
+    model, meta = load_trained(path, map_location, kind="sam3d", what="Sam3D checkpoint")
+    meta.pop("model", None)
+    return model, meta  # type: ignore[return-value]

@@ -1,0 +1,126 @@
+"""The kits bundle's glue: where its datasets come from and how they split.
+
+- :func:`ensure_dataset`: the dataset kind of ``dataset_dir``, CT phantoms generated
+  there when it holds none;
+- :func:`load_datalist`: labelled cases of one split of an MSD ``dataset.json`` or of
+  KiTS21 case folders (splits by :mod:`sam3d.data.splits`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sam3d.data.splits import SPLITS, complete_splits
+from sam3d.engine.distributed import barrier, is_rank0
+from sam3d.errors import Sam3DError
+
+logger = logging.getLogger("sam3d.engine")
+
+_KITS21_LABELS = ("aggregated_MAJ_seg.nii.gz", "segmentation.nii.gz")
+
+
+def find_dataset(dataset_dir: str | Path) -> str | None:
+    """``"msd"`` (a ``dataset.json``), ``"kits21"`` (``case_*/imaging.nii.gz``) or None."""
+    root = Path(dataset_dir)
+    if (root / "dataset.json").is_file():
+        return "msd"
+    if any(root.glob("case_*/imaging.nii.gz")):
+        return "kits21"
+    return None
+
+
+def ensure_dataset(
+    dataset_dir: str | Path,
+    n_cases: int = 12,
+    seed: int = 0,
+    phantom_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Return the dataset kind of ``dataset_dir``; generate CT phantoms there if it holds none.
+
+    Generation is deterministic (``seed``) and happens only when the folder is missing or
+    empty; a non-empty folder without a recognisable dataset is an error. ``phantom_kwargs``
+    go to ``make_ct_phantom`` (e.g. ``shape_vox``, ``spacing_mm``, ``n_lesions``). In a
+    distributed run rank 0 generates while the others wait.
+    """
+    root = Path(dataset_dir)
+    kind = find_dataset(root)
+    if kind is not None:
+        logger.info(f"dataset: {kind} dataset in {root}")
+        return kind
+    if root.exists() and any(root.iterdir()):
+        raise Sam3DError(
+            f"{root} holds neither an MSD-style dataset.json nor KiTS21 case_*/imaging.nii.gz "
+            "folders; point --dataset_dir at a dataset (or at an empty folder for phantoms)."
+        )
+    if is_rank0():
+        from sam3d.data.phantoms import write_phantom_dataset
+
+        kwargs = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in (phantom_kwargs or {}).items()
+        }
+        logger.warning(
+            f"dataset: no dataset in {root}: generating {n_cases} synthetic CT phantoms there "
+            f"(seed {seed}, {kwargs or 'default size'}); pass --dataset_dir for real data."
+        )
+        write_phantom_dataset("ct", root, n=int(n_cases), seed=int(seed), **kwargs)
+    barrier()
+    return "msd"
+
+
+def _labelled(entries: Any, root: Path) -> list[dict[str, str]]:
+    out = []
+    for e in entries or []:
+        if isinstance(e, dict) and "image" in e and "label" in e:
+            out.append(
+                {
+                    "image": os.path.normpath(str(root / e["image"])),
+                    "label": os.path.normpath(str(root / e["label"])),
+                }
+            )
+    return out
+
+
+def load_datalist(
+    dataset_dir: str | Path,
+    split: str = "training",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """Labelled cases ``[{"image": path, "label": path}, ...]`` of one split.
+
+    MSD ``dataset.json``: its labelled ``validation`` / ``test`` lists when it has them
+    (phantom datasets do); a missing list is carved from ``training`` by
+    :func:`sam3d.data.splits.complete_splits` (seeded, logged; validation never from
+    test). KiTS21 case folders are carved the same way.
+    """
+    if split not in ("training", "validation", "test"):
+        raise Sam3DError(f"unknown split {split!r}: use training, validation or test.")
+    root = Path(dataset_dir)
+    kind = find_dataset(root)
+    if kind == "msd":
+        spec = json.loads((root / "dataset.json").read_text())
+        given = {k: _labelled(spec.get(k), root) for k in SPLITS}
+    elif kind == "kits21":
+        cases = []
+        for case in sorted(root.glob("case_*")):
+            label = next((case / n for n in _KITS21_LABELS if (case / n).is_file()), None)
+            if (case / "imaging.nii.gz").is_file() and label is not None:
+                cases.append({"image": str(case / "imaging.nii.gz"), "label": str(label)})
+        given = {"training": cases}
+    else:
+        raise Sam3DError(f"no dataset in {root}: expected a dataset.json or KiTS21 case folders.")
+    splits = complete_splits(given, val_fraction, test_fraction, seed, source=str(root))
+    data = splits[split]
+    if not data:
+        raise Sam3DError(f"the {split} split of {root} is empty; add labelled cases.")
+    missing = [p for d in data for p in d.values() if not os.path.isfile(p)]
+    if missing:
+        raise Sam3DError(
+            f"{len(missing)} file(s) of the {split} split are missing, e.g. {missing[0]}."
+        )
+    return data

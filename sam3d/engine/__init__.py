@@ -1,0 +1,42 @@
+"""What every bundle's MONAI engines share: tracking, checkpoints, clipping, reporting,
+distributed helpers and the click inferers (bundle-specific glue lives in :mod:`sam3d.apps`).
+
+- :mod:`.tracking`: :class:`MLflowRun` / :class:`MLflowRunHandler` (one run per training);
+- :mod:`.checkpointing`: :class:`TrainingCheckpoint` (best ``model.pt``, resumable ``last.pt``);
+- :mod:`.clipping`: :class:`GradientClipping` (accumulation- and AMP-aware);
+- :mod:`.reporting`: :class:`CaseMetricsCSV`, :func:`save_executed_config`, :func:`checked`;
+- :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
+- :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
+  :class:`CentreClickNetwork`.
+"""
+
+from sam3d.engine.checkpointing import TrainingCheckpoint, atomic_torch_save, read_resume_state
+from sam3d.engine.clicks import (
+    CentreClickNetwork,
+    ClickCropInferer,
+    click_prepare_batch,
+    window_start,
+)
+from sam3d.engine.clipping import GradientClipping
+from sam3d.engine.distributed import barrier, is_rank0, unwrap
+from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config
+from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
+
+__all__ = [
+    "CaseMetricsCSV",
+    "CentreClickNetwork",
+    "ClickCropInferer",
+    "GradientClipping",
+    "MLflowRun",
+    "MLflowRunHandler",
+    "TrainingCheckpoint",
+    "atomic_torch_save",
+    "barrier",
+    "checked",
+    "click_prepare_batch",
+    "is_rank0",
+    "read_resume_state",
+    "save_executed_config",
+    "unwrap",
+    "window_start",
+]

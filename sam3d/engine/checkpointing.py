@@ -1,0 +1,166 @@
+"""Best and last checkpoints of a training, and resume from the last one."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sam3d.data.io import atomic_write
+from sam3d.engine.distributed import is_rank0, unwrap
+from sam3d.errors import Sam3DError
+from sam3d.models.checkpoint import read_checkpoint, save_trained
+
+if TYPE_CHECKING:
+    from sam3d.engine.tracking import MLflowRun
+
+logger = logging.getLogger("sam3d.engine")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_resume_state(path: str | Path, max_epochs: int | None = None) -> dict[str, Any] | None:
+    """The state in ``last.pt`` if a training can resume from it, else None.
+
+    A training that already reached its ``max_epochs`` (or ``max_epochs``, if given) is
+    finished: a new run starts instead. A corrupt file is an error, not a silent restart.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = read_checkpoint(path, "resume checkpoint")
+    except Sam3DError as e:
+        raise Sam3DError(f"cannot read the resume checkpoint: {e}; delete it to start anew.") from e
+    if not isinstance(state, dict):
+        raise Sam3DError(f"{path} is not a resume checkpoint of sam3d; delete it to start anew.")
+    limit = int(max_epochs if max_epochs is not None else state.get("max_epochs", 0))
+    if int(state.get("epoch", 0)) >= limit:
+        return None
+    return state
+
+
+class TrainingCheckpoint:
+    """Best and last checkpoints of a training, and resume from the last one.
+
+    - ``<ckpt_dir>/model.pt``: the trained-checkpoint format of every model
+      (:func:`sam3d.models.checkpoint.save_trained`) of the epoch with the best
+      ``key_metric``, read back by :func:`sam3d.models.checkpoint.load_trained`;
+    - ``<ckpt_dir>/last.pt``: network, optimizer, scheduler, epoch, iteration, best metric
+      and the MLflow run id, after every epoch.
+
+    Both are written atomically by rank 0 only. At the trainer's start, a resumable
+    ``last.pt`` (see :func:`read_resume_state`) restores all of it on every rank.
+    Attach after the validation and LR-scheduler handlers (the configs' handler order).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any | None = None,
+        evaluator: Any | None = None,
+        key_metric: str = "val_mean_dice",
+        preset: str | dict | None = None,
+        meta: dict | None = None,
+        mlflow_run: MLflowRun | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.evaluator, self.key_metric = evaluator, key_metric
+        self.preset, self.meta = preset, dict(meta or {})
+        self.mlflow_run, self.resume = mlflow_run, resume
+        self.best_metric, self.best_epoch = -math.inf, 0
+        self._validated: tuple[int, float] | None = None
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "model.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    def attach(self, trainer: Any) -> None:
+        from ignite.engine import Events
+
+        self._trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self.load)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._on_validated)
+
+    def _on_validated(self, evaluator: Any) -> None:
+        value = evaluator.state.metrics.get(self.key_metric)
+        if value is not None:
+            self._validated = (int(self._trainer.state.epoch), float(value))
+
+    def load(self, trainer: Any) -> None:
+        state = read_resume_state(self.last_path, trainer.state.max_epochs) if self.resume else None
+        if state is None:
+            return
+        unwrap(self.network).load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        trainer.state.epoch = int(state["epoch"])
+        trainer.state.iteration = int(state["iteration"])
+        self.best_metric = float(state.get("best_metric", -math.inf))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        logger.warning(
+            f"resume: continuing from {self.last_path} after epoch {trainer.state.epoch} "
+            f"(iteration {trainer.state.iteration}, best {self.key_metric} "
+            f"{self.best_metric:.4f} at epoch {self.best_epoch})"
+        )
+
+    def _config(self) -> dict | None:
+        """What the registry rebuilds the network from: its builder's config, else ``preset``."""
+        config = getattr(unwrap(self.network), "config", None)
+        return config if config else (self.preset if isinstance(self.preset, dict) else None)
+
+    def save(self, trainer: Any) -> None:
+        if not is_rank0():
+            return
+        epoch = int(trainer.state.epoch)
+        sd = {k: v.detach().cpu() for k, v in unwrap(self.network).state_dict().items()}
+        if self._validated is not None and self._validated[0] == epoch:
+            value = self._validated[1]
+            if not math.isnan(value) and value > self.best_metric:
+                self.best_metric, self.best_epoch = value, epoch
+                meta = {**self.meta, "epoch": epoch, self.key_metric: value}
+                save_trained(
+                    self.best_path,
+                    unwrap(self.network),
+                    config=self._config(),
+                    meta=meta,
+                    dataset=meta.get("dataset"),
+                )
+                logger.info(
+                    f"checkpoint: new best {self.key_metric} {value:.4f} -> {self.best_path}"
+                )
+        atomic_torch_save(
+            {
+                "network": sd,
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": (
+                    None if self.lr_scheduler is None else self.lr_scheduler.state_dict()
+                ),
+                "epoch": epoch,
+                "iteration": int(trainer.state.iteration),
+                "max_epochs": int(trainer.state.max_epochs),
+                "best_metric": float(self.best_metric),
+                "best_epoch": int(self.best_epoch),
+                "mlflow_run_id": None if self.mlflow_run is None else self.mlflow_run.active_run_id,
+                "preset": self.preset,
+                "meta": self.meta,
+            },
+            self.last_path,
+        )

@@ -1,0 +1,110 @@
+"""What a bundle run leaves behind besides checkpoints: the per-case CSV, the executed
+config, and one-line exits for user errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sam3d.data.io import atomic_write
+from sam3d.engine.distributed import is_rank0
+from sam3d.errors import Sam3DError
+
+logger = logging.getLogger("sam3d.engine")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
+
+
+def checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a :class:`Sam3DError` ends the program with its message and exit code 2.
+
+    Bundle configs wrap their start-up checks in this so that a user error (unreachable
+    tracking server, no dataset) prints one line instead of MONAI's nested traceback.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Sam3DError as e:
+        logger.error(f"error: {e}")
+        print(f"sam3d bundle: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+
+
+class CaseMetricsCSV:
+    """Write one CSV row per case (``case`` and each metric) when an evaluator completes.
+
+    Reads the per-case values that MONAI metric handlers keep with ``save_details=True``
+    (``engine.state.metric_details``) and the case names from the image metadata.
+    """
+
+    def __init__(
+        self, path: str | Path, metric_names: Sequence[str], image_key: str = "image"
+    ) -> None:
+        self.path = Path(path)
+        self.metric_names = list(metric_names)
+        self.image_key = image_key
+        self._cases: list[str] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self._cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _collect(self, engine: Any) -> None:
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            img = item[self.image_key]
+            names = img.meta.get("filename_or_obj", "?") if hasattr(img, "meta") else "?"
+            names = names if isinstance(names, (list, tuple)) else [names]
+            self._cases.extend(str(n).replace("\\", "/").rsplit("/", 1)[-1] for n in names)
+
+    def write(self, engine: Any) -> None:
+        if not is_rank0():
+            return
+        details = getattr(engine.state, "metric_details", {}) or {}
+        columns = {}
+        for name in self.metric_names:
+            values = details.get(name)
+            if values is None:
+                raise RuntimeError(f"no per-case values for {name!r}: set save_details=True")
+            t = torch.as_tensor(values, dtype=torch.float64).reshape(len(self._cases), -1)
+            columns[name] = t.nanmean(1).tolist()
+        rows = [["case", *self.metric_names]]
+        for i, case in enumerate(self._cases):
+            rows.append([case, *(f"{columns[n][i]:.6f}" for n in self.metric_names)])
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        _atomic_write_text(self.path, buf.getvalue())
+        logger.info(f"evaluation: per-case metrics of {len(self._cases)} cases -> {self.path}")
+
+
+def save_executed_config(path: str | Path) -> str:
+    """Write the config being executed (files merged, command-line overrides applied).
+
+    MONAI gives config expressions no handle on their parser, so this finds the
+    ``ConfigParser`` that is evaluating the expression on the call stack. Returns the path.
+    """
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        parser = frame.f_locals.get("self")
+        if isinstance(parser, ConfigParser):
+            path = Path(path)
+            if is_rank0():
+                _atomic_write_text(path, json.dumps(parser.get(), indent=2, default=str) + "\n")
+            return str(path)
+        frame = frame.f_back
+    raise RuntimeError("save_executed_config must be called from a bundle config expression")

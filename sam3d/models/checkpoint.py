@@ -1,0 +1,147 @@
+"""The one checkpoint reader and the one trained-checkpoint format of every model.
+
+Reading is ``torch.load(..., weights_only=True)`` only: a checkpoint is data, never
+code (a pickled payload is refused, not executed). A trained checkpoint is
+
+``{"model": kind, "preset": config, "state_dict": ..., "meta": {...}, **extra}``
+
+where ``kind`` names an entry of :mod:`sam3d.models.registry` and ``config`` is what its
+builder takes; :func:`load_trained` rebuilds any kind from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sam3d.data.io import atomic_write
+from sam3d.errors import Sam3DError
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    what: str = "checkpoint",
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`Sam3DError` refusals.
+
+    ``what`` names the file in messages (``"SAM checkpoint"``, ``"resume checkpoint"``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise Sam3DError(f"{what} not found: {p}")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise Sam3DError(f"cannot read {what} {p}: {e.strerror or e}") from e
+    except Exception as e:  # truncated, foreign, or pickled code: torch raises many types
+        lines = str(e).strip().splitlines()
+        detail = f": {lines[0][:200]}" if lines else ""
+        raise Sam3DError(f"{p} is not a readable {what} ({type(e).__name__}{detail})") from e
+
+
+def save_trained(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    kind: str | None = None,
+    **extra: Any,
+) -> Path:
+    """Write a trained checkpoint atomically; returns the path.
+
+    ``kind`` and ``config`` default to the model's registry kind and its ``config``
+    attribute (set by every registered builder). ``extra`` holds further plain-data
+    top-level entries (e.g. ``dataset=<preset dict>``).
+    """
+    from sam3d.models.registry import kind_of
+
+    net = model.module if hasattr(model, "module") else model  # DDP / DataParallel
+    kind = kind or kind_of(net)
+    config = dict(config if config is not None else getattr(net, "config", None) or {})
+    if not config:
+        raise Sam3DError(f"no config to rebuild this {type(net).__name__} from; pass config=")
+    obj = {
+        "model": kind,
+        "preset": config,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    obj.update(extra)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_trained(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    what: str = "trained sam3d checkpoint",
+) -> dict[str, Any]:
+    """A trained checkpoint as a dict with ``model``, ``preset``, ``state_dict``, ``meta``.
+
+    Files written before the ``model`` key existed are Sam3D checkpoints when their preset
+    has a ``crop_size`` and TopoLoRA-SAM ones otherwise.
+    """
+    obj = read_checkpoint(path, what, map_location)
+    if not isinstance(obj, dict) or "state_dict" not in obj or "preset" not in obj:
+        raise Sam3DError(
+            f"{path} is not a {what} (expected the keys 'preset' and "
+            "'state_dict'; a SAM checkpoint goes to the model builder's sam_checkpoint=)"
+        )
+    if not isinstance(obj["preset"], dict | str) or not isinstance(obj["state_dict"], dict):
+        raise Sam3DError(
+            f"{path}: 'preset' must be a dict or a name and 'state_dict' a dict of tensors"
+        )
+    if "model" not in obj:
+        preset = obj["preset"]
+        obj["model"] = "sam3d" if isinstance(preset, str) or "crop_size" in preset else "topolora"
+    return obj
+
+
+def load_trained(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    kind: str | None = None,
+    what: str = "trained sam3d checkpoint",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild any registered model from a trained checkpoint.
+
+    Returns the model (eval mode, on ``map_location``) and its metadata: the ``meta``
+    dict merged with every other top-level entry (e.g. ``dataset``, ``model``). With
+    ``kind``, a checkpoint of another kind is refused.
+    """
+    from sam3d.models.registry import build_model
+
+    obj = read_trained(path, map_location, what)
+    if kind is not None and obj["model"] != kind:
+        raise Sam3DError(f"{path} holds a {obj['model']} model, not {kind}")
+    model = build_model(obj["model"], obj["preset"])
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as e:
+        name = obj["preset"] if isinstance(obj["preset"], str) else obj["preset"].get("name")
+        raise Sam3DError(
+            f"{path}: weights do not fit preset {name!r} of its {obj['model']} model "
+            f"({str(e).strip().splitlines()[0][:200]})"
+        ) from e
+    meta = {k: v for k, v in obj.items() if k not in ("preset", "state_dict", "meta")}
+    meta.update(obj.get("meta") or {})
+    return model.to(map_location).eval(), meta
+
+
+def load_trained_weights(
+    network: torch.nn.Module, checkpoint: str | os.PathLike | dict[str, Any]
+) -> torch.nn.Module:
+    """Load a trained checkpoint's weights (a path or its :func:`read_trained` dict) into a
+    network a bundle config built itself; returns ``network``."""
+    obj = checkpoint if isinstance(checkpoint, dict) else read_trained(checkpoint)
+    try:
+        network.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        raise Sam3DError(
+            f"the checkpoint does not fit this network ({str(e).strip().splitlines()[0][:200]}); "
+            "build the network with the settings it was trained with"
+        ) from e
+    return network

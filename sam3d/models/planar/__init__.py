@@ -1,0 +1,1 @@
+"""The planar wing: 2D SAM adaptations, one file each (TopoLoRA-SAM, SAMUS, DeSAM)."""
