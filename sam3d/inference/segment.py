@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sam3d.data.io import is_nifti_name
 from sam3d.errors import Sam3DError
 from sam3d.inference.session import ClickSession, load_model_for_inference
 from sam3d.inference.windows import WindowGrowth
@@ -32,7 +33,7 @@ def segment_file(
     :class:`Sam3DError` before anything is written; the mask is written atomically.
     """
     out = Path(out)
-    if not out.name.endswith((".nii.gz", ".nii")):
+    if not is_nifti_name(out):
         raise Sam3DError(f"the output must be a .nii.gz or .nii file, got {out}")
     if preview is not None and Path(preview).suffix.lower() != ".png":
         raise Sam3DError(f"the preview must be a .png file, got {preview}")
