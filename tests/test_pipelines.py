@@ -15,7 +15,7 @@ from sam3d.errors import Sam3DError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# REFERENCE.md section 1 (the anchor's data recipe), typed in by hand.
+# docs/REFERENCES.md section 1 (the anchor's data recipe), typed in by hand.
 EXPECTED = {
     "kits": ((-54, 247), 59.54, 55.46, 2),
     "lits": ((-48, 163), 60.06, 40.20, 2),

@@ -145,7 +145,7 @@ def test_vit_b_parameter_count_matches_the_reference():
         name: count_parameters(getattr(model, name))["trainable"]
         for name in ("encoder", "prompt_encoder", "decoder")
     }
-    # REFERENCE.md: encoder 15.21M, prompt encoder 3.16M, decoder 7.09M trainable
+    # docs/REFERENCES.md section 1: encoder 15.21M, prompt encoder 3.16M, decoder 7.09M trainable
     for name, ref in (("encoder", 15.21e6), ("prompt_encoder", 3.16e6), ("decoder", 7.09e6)):
         assert abs(parts[name] - ref) < 0.05 * ref, (name, parts[name])
     # SAM ViT-B's image encoder without its 2D neck (~85.7M) is in the model, frozen or not
