@@ -143,6 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         growth=_growth(args),
         max_upload_mb=args.max_upload_mb,
+        max_memory_gb=args.max_memory_gb,
     )
 
 
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
+    p.add_argument(
+        "--max-memory-gb", type=float, default=8.0, help="memory for open images and features"
+    )
     _add_growth_args(p)
     p.set_defaults(func=_cmd_serve)
     return parser

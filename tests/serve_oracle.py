@@ -39,7 +39,9 @@ class BrightComponentOracle(torch.nn.Module):
     def decode(
         self, features: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor
     ) -> torch.Tensor:
-        """Clicks ``B x N x 3`` (window voxels), labels ``B x N`` -> logits ``B x 2 x H x W x D``."""
+        """Clicks ``B x N x 3``, labels ``B x N`` -> logits ``B x 2 x H x W x D``.
+
+        Points are in window voxels."""
         out = []
         for b in range(features.shape[0]):
             img = features[b, 0].cpu().numpy()

@@ -26,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_oracle import BrightComponentOracle  # noqa: E402
 
 CHROMIUM = next(
-    (p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser"))
-     if p and os.path.exists(p)),
+    (
+        p
+        for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser"))
+        if p and os.path.exists(p)
+    ),
     None,
 )
 pytestmark = pytest.mark.skipif(
@@ -40,7 +43,11 @@ playwright_sync = pytest.importorskip(
 
 # seed 4 at this geometry: two separate lesions the oracle segments with Dice ~0.87 / 0.9
 PHANTOM = dict(
-    seed=4, shape_vox=(128, 128, 40), spacing_mm=(1.8, 1.8, 3.0), n_lesions=2, noise_hu=3.0,
+    seed=4,
+    shape_vox=(128, 128, 40),
+    spacing_mm=(1.8, 1.8, 3.0),
+    n_lesions=2,
+    noise_hu=3.0,
     orientation="LPS",
 )
 TOL_HU = 15.0
@@ -69,22 +76,33 @@ def served(tmp_path_factory):
     lesions = sorted((comps == c for c in (1, 2)), key=lambda m: -int(m.sum()))
     # the deepest voxel of each lesion: a click a user would make
     centres = [
-        tuple(int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(m)), m.shape))
+        tuple(
+            int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(m)), m.shape)
+        )
         for m in lesions
     ]
     dataset = load_dataset_preset("kits")
     model = BrightComponentOracle(tol=TOL_HU / dataset["std"], crop_size=64)
     app = create_app(model, {"dataset": "kits"}, [path], device="cpu", max_upload_mb=4)
     with BackgroundServer(app) as url:
-        yield {"url": url, "path": path, "phantom": ph, "lesions": lesions, "centres": centres,
-               "folder": folder}
+        yield {
+            "app": app,
+            "url": url,
+            "path": path,
+            "phantom": ph,
+            "lesions": lesions,
+            "centres": centres,
+            "folder": folder,
+        }
 
 
 @pytest.fixture(scope="module")
 def page(served):
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1280, "height": 560}, accept_downloads=True)
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 560}, accept_downloads=True
+        )
         pg = context.new_page()
         pg.set_default_timeout(60_000)
         pg.goto(served["url"])
@@ -119,8 +137,10 @@ def click_voxel(page, vox, view: str = "axial", negative: bool = False) -> None:
 
 def page_mask(page, shape) -> np.ndarray:
     """The mask as the page holds it (decoded in JavaScript from the packed bits)."""
-    idx = page.evaluate("() => { const m = window.sam3d.mask, o = []; "
-                        "for (let i = 0; i < m.length; i++) if (m[i]) o.push(i); return o; }")
+    idx = page.evaluate(
+        "() => { const m = window.sam3d.mask, o = []; "
+        "for (let i = 0; i < m.length; i++) if (m[i]) o.push(i); return o; }"
+    )
     out = np.zeros(int(np.prod(shape)), dtype=bool)
     out[np.asarray(idx, dtype=np.int64)] = True
     return out.reshape(shape)
@@ -128,8 +148,9 @@ def page_mask(page, shape) -> np.ndarray:
 
 def overlay_pixels(page, view: str) -> tuple[int, float]:
     """Red-tinted pixels drawn in ``view``, and the area the page's mask slice should cover."""
-    return tuple(page.evaluate(
-        """(name) => {
+    return tuple(
+        page.evaluate(
+            """(name) => {
             const c = document.getElementById(name), m = c._map, S = window.sam3d;
             const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
             let red = 0;
@@ -144,8 +165,9 @@ def overlay_pixels(page, view: str) -> tuple[int, float]:
                 }
             return [red, n * m.ux * m.uy];
         }""",
-        view,
-    ))
+            view,
+        )
+    )
 
 
 def test_page_opens_the_served_phantom(page, served):
@@ -281,11 +303,17 @@ def test_server_refuses_an_upload_over_the_limit(served):
     # an undeclared (chunked) body is counted while it streams
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     chunks = [b"\0" * (1024 * 1024)] * 4 + [b"\0"]
-    conn.request("POST", "/api/upload", body=iter(chunks), headers={"X-Filename": "y.nii.gz"},
-                 encode_chunked=True)
+    conn.request(
+        "POST",
+        "/api/upload",
+        body=iter(chunks),
+        headers={"X-Filename": "y.nii.gz"},
+        encode_chunked=True,
+    )
     resp = conn.getresponse()
     assert resp.status == 413 and "upload limit" in json.loads(resp.read())["error"]
     conn.close()
+    assert not list(Path(served["app"].state.upload_dir).iterdir())  # nothing left behind
 
 
 def test_gzip_is_smaller_on_the_wire_than_the_full_mask(page, served):

@@ -342,5 +342,6 @@ def create_app(
     )
     app.state.store = store
     app.state.served = served
+    app.state.upload_dir = uploads
     app.state.close = shutdown
     return app

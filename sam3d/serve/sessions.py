@@ -94,6 +94,12 @@ class SessionStore:
         """Register a new session, dropping expired and least recently used ones first."""
         entry = Entry(secrets.token_urlsafe(12), name, session, Path(source), upload)
         entry.last_used = self.clock()
+        if session_bytes(session) > self.max_bytes:  # refused before anyone else is evicted
+            self._drop(entry)
+            raise Sam3DError(
+                f"this image needs more memory than the server allows "
+                f"({self.max_bytes / 2**30:.2f} GiB); start it with a larger --max-memory-gb"
+            )
         with self._lock:
             self._entries[entry.id] = entry
             self._evict(keep=entry.id)
@@ -146,14 +152,6 @@ class SessionStore:
             if not idle:
                 return
             self._drop(idle[0])
-        if self.total_bytes() > self.max_bytes:
-            only = self._entries.get(keep)
-            if only is not None and not only.lock.locked():
-                self._drop(only)
-                raise Sam3DError(
-                    f"this image needs more memory than the server allows "
-                    f"({self.max_bytes / 2**30:.1f} GiB); start it with a larger --max-memory-gb"
-                )
 
     def _drop(self, entry: Entry) -> None:
         self._entries.pop(entry.id, None)
