@@ -123,6 +123,8 @@ def main() -> None:
         timings = [t for t in page.evaluate("window.sam3d.timings") if t["kind"] == "click"]
         message = page.inner_text("#message")
         browser.close()
+        entry = next(iter(app.state.store._entries.values()))  # before shutdown closes it
+        parts = server_breakdown(entry, repeats=3)
     if message:
         print(f"page message: {message}")
     if not timings:
@@ -154,7 +156,48 @@ def main() -> None:
         f"full mask: {n_vox} bytes as uint8, {n_vox // 8} bytes bit-packed; ratio uint8 / sent "
         f"{n_vox / statistics.median(wire):.0f}x"
     )
+    print("server side of a further click, median of 3 in this process (ms):")
+    for k, v in parts.items():
+        print(f"  {k}: {v:.0f}")
+    print(
+        f"  full-volume Invertd / region inversion: "
+        f"{parts['inversion, whole map (Invertd)'] / parts['inversion, decoded box']:.1f}x"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def server_breakdown(entry, repeats: int = 3) -> dict[str, float]:
+    """Time the steps of a further click on the open session (same clicks, features cached)."""
+    from sam3d.inference.grid import invert_region_to_original, invert_to_original
+    from sam3d.serve.app import mask_message
+
+    s = entry.session
+    grid = torch.as_tensor(s._grid_points(s.points_vox), dtype=torch.float32)
+    labels = torch.as_tensor(s.point_labels)
+    seeds = s._state.seeds
+    out: dict[str, list[float]] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        r = fn(*args)
+        out.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+        return r
+
+    def full_inversion(prob):
+        return invert_to_original(prob, s.grid_image, s.transform) > s.threshold
+
+    roi, shape = s.predictor.roi, s.predictor.shape
+    for _ in range(repeats):
+        probs = timed("prompt + decode", s.predictor.predict_windows, grid, labels, seeds)
+        prob = timed("stitch", s.predictor.stitch, probs)
+        lo = [max(0, min(o[a] for o in probs)) for a in range(3)]
+        hi = [min(shape[a], max(o[a] + roi[a] for o in probs)) for a in range(3)]
+        args = (prob, s.grid_image.affine, s.original_affine, s.original_shape, lo, hi)
+        timed("inversion, decoded box", invert_region_to_original, *args)
+        timed("inversion, whole map (Invertd)", full_inversion, prob)
+        mask = s.mask_numpy()
+        timed("mask message (box, bits, volume)", mask_message, entry, mask, 0.0)
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 if __name__ == "__main__":

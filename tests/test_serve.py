@@ -301,3 +301,45 @@ def test_cli_serve_without_demo_says_how_to_get_one(tmp_path, monkeypatch, capsy
     assert "sam3d demo" in err and "--checkpoint" in err
     assert main(["serve", str(tmp_path / "a.nii.gz")]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_demo_inputs_finds_the_demos_model_and_held_out_phantoms(tmp_path):
+    from sam3d.serve.server import demo_inputs
+
+    (tmp_path / "kits_bundle_run" / "models").mkdir(parents=True)
+    (tmp_path / "kits_bundle_run" / "models" / "model.pt").write_bytes(b"x")
+    folder = tmp_path / "phantoms_ct"
+    (folder / "imagesTr").mkdir(parents=True)
+    for n in (0, 1, 2):
+        (folder / "imagesTr" / f"phantom_{n:03d}.nii.gz").write_bytes(b"x")
+    listing = {
+        "training": [{"image": "./imagesTr/phantom_000.nii.gz"}],
+        "validation": [{"image": "./imagesTr/phantom_001.nii.gz"}],
+        "test": [{"image": "./imagesTr/phantom_002.nii.gz"}],
+    }
+    (folder / "dataset.json").write_text(json.dumps(listing))
+    checkpoint, images = demo_inputs(tmp_path)
+    assert checkpoint == tmp_path / "kits_bundle_run" / "models" / "model.pt"
+    assert [p.name for p in images] == ["phantom_002.nii.gz", "phantom_001.nii.gz"]
+
+
+def test_run_server_warns_off_loopback(phantom_file, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    import sam3d.inference
+    from sam3d.serve.server import run_server
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(
+        sam3d.inference, "load_model_for_inference", lambda c, d: (BoxModel(), {"dataset": "kits"})
+    )
+    run_server([phantom_file], tmp_path / "model.pt", host="127.0.0.1", port=8123)
+    out = capsys.readouterr()
+    assert "http://127.0.0.1:8123/" in out.out and "warning" not in out.err
+    run_server([phantom_file], tmp_path / "model.pt", host="0.0.0.0", port=8124)
+    assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+    assert calls == [
+        {"host": "127.0.0.1", "port": 8123, "log_level": "warning"},
+        {"host": "0.0.0.0", "port": 8124, "log_level": "warning"},
+    ]

@@ -125,9 +125,12 @@ def mask_message(entry: Entry, mask: np.ndarray, seconds: float) -> bytes:
     return pack_message(header, bits)
 
 
-def _binary(data: bytes, request: Request) -> Response:
+def _binary(data: bytes, request: Request, compress: bool = True) -> Response:
+    """Bytes for the page; gzip (level 1) when it helps. Volumes go raw: on a local
+    connection compressing 100 MB costs more than sending it."""
     headers = {"X-Sam3d-Raw-Bytes": str(len(data)), "Cache-Control": "no-store"}
-    if "gzip" in request.headers.get("accept-encoding", "") and len(data) > 512:
+    accepts = "gzip" in request.headers.get("accept-encoding", "")
+    if compress and accepts and len(data) > 512:
         packed = gzip.compress(data, compresslevel=1)
         if len(packed) < len(data):
             data = packed
@@ -252,7 +255,9 @@ def create_app(
     async def volume(request: Request) -> Response:
         sid = request.path_params["sid"]
         return await run_in_threadpool(
-            with_session, sid, lambda e: _binary(volume_message(e, dataset), request)
+            with_session,
+            sid,
+            lambda e: _binary(volume_message(e, dataset), request, compress=False),
         )
 
     def _mask_answer(request: Request, action: Callable[[Entry], Any]) -> Callable:
