@@ -101,7 +101,7 @@ def page(served):
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         context = browser.new_context(
-            viewport={"width": 1280, "height": 560}, accept_downloads=True
+            viewport={"width": 1280, "height": 470}, accept_downloads=True
         )
         pg = context.new_page()
         pg.set_default_timeout(60_000)
@@ -170,6 +170,16 @@ def overlay_pixels(page, view: str) -> tuple[int, float]:
     )
 
 
+def red_pixels_3d(page) -> int:
+    """Pixels of the 3D view showing the mask (red shades)."""
+    return page.evaluate(
+        """() => { const c = document.getElementById("view3d");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let o = 0; o < d.length; o += 4) if (d[o] > d[o + 1] + 40) n++;
+        return n; }"""
+    )
+
+
 def test_page_opens_the_served_phantom(page, served):
     shape = page.evaluate("window.sam3d.vol.shape")
     assert tuple(shape) == served["phantom"].image_hu.shape
@@ -190,6 +200,7 @@ def test_click_in_tumour_draws_overlay(page, served):
     for view in ("axial", "coronal", "sagittal"):  # the overlay is drawn in every view
         red, area = overlay_pixels(page, view)
         assert area > 100 and abs(red - area) < 0.25 * area, (view, red, area)
+    assert red_pixels_3d(page) > 200  # the 3D rendering shows the lesion
     assert page.evaluate("window.sam3d.points")[0] == list(served["centres"][0])
     text = page.inner_text("#mask-info")
     voxel_ml = abs(np.linalg.det(served["phantom"].affine[:3, :3])) / 1000
@@ -280,6 +291,7 @@ def test_corrupt_upload_shows_a_message_and_keeps_the_session(page, served, tmp_
     page.click("#reset")
     page.wait_for_function(f"window.sam3d.updates > {before}")
     assert not page_mask(page, served["lesions"][0].shape).any()
+    assert red_pixels_3d(page) == 0
     click_voxel(page, served["centres"][1])
     small = served["lesions"][1]
     assert dice(page_mask(page, small.shape), small) > 0.8

@@ -111,7 +111,7 @@ def mask_message(entry: Entry, mask: np.ndarray, seconds: float) -> bytes:
     s = entry.session
     box, bits = encode_mask(mask)
     spacing = np.linalg.norm(s.original_affine[:3, :3], axis=0)
-    voxels = int(mask.sum())
+    voxels = int(np.count_nonzero(mask[box[0] : box[3], box[1] : box[4], box[2] : box[5]]))
     header = {
         "box": box,
         "voxels": voxels,
@@ -264,7 +264,8 @@ def create_app(
         def run(entry: Entry) -> Response:
             t0 = time.perf_counter()
             action(entry)
-            mask = entry.session.mask_numpy()
+            m = entry.session.mask  # bool, original grid; no copy on the CPU
+            mask = entry.session.mask_numpy() if m is None else m.cpu().numpy()
             return _binary(mask_message(entry, mask, time.perf_counter() - t0), request)
 
         return run

@@ -30,11 +30,19 @@ def unpack_message(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
-    """Half-open bounding box ``(i0, j0, k0, i1, j1, k1)`` of a 3D mask; zeros if empty."""
-    nz = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
-    if any(len(n) == 0 for n in nz):
+    """Half-open bounding box ``(i0, j0, k0, i1, j1, k1)`` of a 3D mask; zeros if empty.
+
+    One pass over the whole volume (along i); the other two axes look only at the slab.
+    """
+    rows = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(rows) == 0:
         return (0, 0, 0, 0, 0, 0)
-    return (*(int(n[0]) for n in nz), *(int(n[-1]) + 1 for n in nz))  # type: ignore[return-value]
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    slab = mask[i0:i1]
+    cols = np.flatnonzero(slab.any(axis=(0, 2)))
+    j0, j1 = int(cols[0]), int(cols[-1]) + 1
+    deep = np.flatnonzero(slab[:, j0:j1].any(axis=(0, 1)))
+    return (i0, j0, int(deep[0]), i1, j1, int(deep[-1]) + 1)
 
 
 def encode_mask(mask: np.ndarray) -> tuple[list[int], bytes]:

@@ -5,7 +5,7 @@
 
 const S = {                  // the page's state; window.sam3d for tests and benchmarks
   sid: null, name: null, vol: null, mask: null, box: [0, 0, 0, 0, 0, 0],
-  cursor: [0, 0, 0], window: [0, 1], opacity: 0.5, points: [], labels: [],
+  cursor: [0, 0, 0], window: [0, 1], turn: [0.5, 0.35], surface: null, opacity: 0.5, points: [], labels: [],
   maxUploadMb: 512, updates: 0, clicks: 0, timings: [], queue: Promise.resolve(),
 };
 window.sam3d = S;
@@ -69,10 +69,19 @@ function viewAxes(name) {
 
 // ---------------------------------------------------------------- drawing
 
+// intensity -> grey; a table for int16 images (looked up per pixel), a function otherwise
 function windowLut() {
   const [lo, hi] = S.window;
   const scale = 255 / Math.max(hi - lo, 1e-6);
-  return (v) => Math.max(0, Math.min(255, (v - lo) * scale)) | 0;
+  const grey = (v) => Math.max(0, Math.min(255, (v - lo) * scale)) | 0;
+  if (!(S.vol.data instanceof Int16Array)) return grey;
+  const key = `${lo},${hi}`;
+  if (S.lutKey !== key) {
+    S.lut = new Uint8Array(65536);
+    for (let v = -32768; v < 32768; v++) S.lut[v + 32768] = grey(v);
+    S.lutKey = key;
+  }
+  return S.lut;
 }
 
 function render(name) {
@@ -93,13 +102,14 @@ function render(name) {
   const base = S.cursor[ax.s] * st[ax.s];
   const img = new ImageData(nx, ny);
   const px = img.data, data = vol.data, mask = S.mask, lut = windowLut();
+  const table = typeof lut !== "function", offset = table ? 32768 : 0;
   const a = S.opacity, r = 255 * a, g = 60 * a, b = 60 * a, keep = 1 - a;
   let o = 0;
   for (let q = 0; q < ny; q++) {
     const row = base + offY[q];
     for (let p = 0; p < nx; p++, o += 4) {
       const lin = row + offX[p];
-      const v = lut(data[lin]);
+      const v = table ? lut[data[lin] + offset] : lut(data[lin]);
       if (mask[lin]) {
         px[o] = v * keep + r; px[o + 1] = v * keep + g; px[o + 2] = v * keep + b;
       } else {
@@ -135,7 +145,82 @@ function render(name) {
   });
 }
 
-function renderAll() { for (const name of Object.keys(VIEWS)) render(name); }
+// ---------------------------------------------------------------- 3D view
+
+// Surface voxels of the mask (a voxel with a 6-neighbour outside it), in world mm.
+function maskSurface() {
+  const shape = S.vol.shape, st = strides(shape), b = S.box, A = S.vol.affine, m = S.mask;
+  const pts = [];
+  const on = (i, j, k) => i >= 0 && j >= 0 && k >= 0 && i < shape[0] && j < shape[1] &&
+    k < shape[2] && m[i * st[0] + j * st[1] + k];
+  for (let i = b[0]; i < b[3]; i++)
+    for (let j = b[1]; j < b[4]; j++)
+      for (let k = b[2]; k < b[5]; k++) {
+        if (!m[i * st[0] + j * st[1] + k]) continue;
+        if (on(i - 1, j, k) && on(i + 1, j, k) && on(i, j - 1, k) && on(i, j + 1, k) &&
+            on(i, j, k - 1) && on(i, j, k + 1)) continue;
+        for (let r = 0; r < 3; r++) pts.push(A[r][0] * i + A[r][1] * j + A[r][2] * k + A[r][3]);
+      }
+  return new Float32Array(pts);
+}
+
+// Shaded surface of the mask, turned by S.turn (azimuth about S, elevation).
+function render3d() {
+  const canvas = $("view3d"), ctx = canvas.getContext("2d");
+  const dpr = window.devicePixelRatio || 1;
+  const W = Math.round(canvas.clientWidth * dpr), H = Math.round(canvas.clientHeight * dpr);
+  if (canvas.width !== W || canvas.height !== H) { canvas.width = W; canvas.height = H; }
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, W, H);
+  if (!S.vol) return;
+  if (!S.surface) S.surface = maskSurface();
+  const p = S.surface, n = p.length / 3;
+  if (!n) return;
+  let cx = 0, cy = 0, cz = 0;
+  for (let t = 0; t < n; t++) { cx += p[3 * t]; cy += p[3 * t + 1]; cz += p[3 * t + 2]; }
+  cx /= n; cy /= n; cz /= n;
+  const [az, el] = S.turn, ca = Math.cos(az), sa = Math.sin(az), ce = Math.cos(el), se = Math.sin(el);
+  const X = new Float32Array(n), Y = new Float32Array(n), Z = new Float32Array(n);
+  let rad = 1e-3;
+  for (let t = 0; t < n; t++) {
+    const r = p[3 * t] - cx, a = p[3 * t + 1] - cy, s = p[3 * t + 2] - cz;
+    // from the front: screen x = patient's left, up = superior, depth = anterior (near)
+    const x = -(ca * r - sa * a), d = sa * r + ca * a;
+    X[t] = x; Y[t] = -(ce * s - se * d); Z[t] = se * s + ce * d;
+    rad = Math.max(rad, Math.hypot(x, s, d));
+  }
+  const scale = 0.45 * Math.min(W, H) / rad;
+  // every surface voxel is a small ball: the union of balls has a smooth depth map
+  const rb = Math.max(1, 0.8 * Math.max(...S.vol.spacing) * scale), rb2 = rb * rb;
+  const zbuf = new Float32Array(W * H).fill(-Infinity);
+  for (let t = 0; t < n; t++) {
+    const u = W / 2 + X[t] * scale, v = H / 2 + Y[t] * scale, zc = Z[t] * scale;
+    for (let y = Math.max(0, Math.floor(v - rb)); y < Math.min(H, Math.ceil(v + rb)); y++)
+      for (let x = Math.max(0, Math.floor(u - rb)); x < Math.min(W, Math.ceil(u + rb)); x++) {
+        const d2 = (x - u) * (x - u) + (y - v) * (y - v);
+        if (d2 >= rb2) continue;
+        const z = zc + Math.sqrt(rb2 - d2);
+        if (z > zbuf[y * W + x]) zbuf[y * W + x] = z;
+      }
+  }
+  // Lambert shading from the depth map's slope (light from the viewer, up and left)
+  const img = ctx.getImageData(0, 0, W, H), px = img.data, zr = rad * scale + rb;
+  const L = [-0.4, -0.5, 0.77];
+  for (let y = 0; y < H; y++)
+    for (let x = 0; x < W; x++) {
+      const o = y * W + x, z = zbuf[o];
+      if (z === -Infinity) continue;
+      const zx = x + 1 < W && zbuf[o + 1] > -Infinity ? zbuf[o + 1] - z : 0;
+      const zy = y + 1 < H && zbuf[o + W] > -Infinity ? zbuf[o + W] - z : 0;
+      const nx = -zx, ny = -zy, norm = Math.hypot(nx, ny, 1);
+      const lam = Math.max(0, (nx * L[0] + ny * L[1] + L[2]) / norm);
+      const lit = 0.25 + 0.75 * lam * (0.75 + 0.25 * (z / zr + 1) / 2);
+      px[4 * o] = 255 * lit; px[4 * o + 1] = 75 * lit; px[4 * o + 2] = 60 * lit;
+    }
+  ctx.putImageData(img, 0, 0);
+}
+
+function renderAll() { for (const name of Object.keys(VIEWS)) render(name); render3d(); }
 
 // canvas event -> voxel (i, j, k) in the image, or null outside it
 function eventVoxel(name, ev) {
@@ -168,6 +253,7 @@ function applyMask(msg) {
         if (bits[n >> 3] & (128 >> (n & 7))) S.mask[lin] = 1;
     }
   S.box = box;
+  S.surface = null;
   S.points = h.points;
   S.labels = h.labels;
   const ext = h.extent_mm.map((v) => v.toFixed(1)).join(" x ");
@@ -215,11 +301,12 @@ async function openSession(sid) {
   const Typed = h.dtype === "int16" ? Int16Array : Float32Array;
   S.vol = {
     shape: h.shape, spacing: h.spacing_mm, axisWorld: h.axis_world, axisSign: h.axis_sign,
+    affine: h.affine,
     data: new Typed(msg.payload), range: h.range, windows: h.windows,
   };
   S.sid = sid; S.name = h.name;
   S.mask = new Uint8Array(h.shape[0] * h.shape[1] * h.shape[2]);
-  S.box = [0, 0, 0, 0, 0, 0]; S.points = []; S.labels = []; S.clicks = 0;
+  S.box = [0, 0, 0, 0, 0, 0]; S.points = []; S.labels = []; S.clicks = 0; S.surface = null;
   S.cursor = h.shape.map((n) => Math.floor(n / 2));
   const sel = $("window");
   sel.innerHTML = "";
@@ -306,6 +393,12 @@ for (const name of Object.keys(VIEWS)) {
     renderAll();
   }, { passive: false });
 }
+
+$("view3d").addEventListener("mousemove", (ev) => {
+  if (!ev.buttons) return;
+  S.turn = [S.turn[0] + ev.movementX * 0.01, Math.max(-1.5, Math.min(1.5, S.turn[1] + ev.movementY * 0.01))];
+  render3d();
+});
 
 $("undo").addEventListener("click", () => maskRequest("undo", "undo"));
 $("reset").addEventListener("click", () => maskRequest("reset", "reset"));
