@@ -36,13 +36,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from sam3d.data.io import is_nifti_name, nifti_stem
 from sam3d.errors import Sam3DError
 from sam3d.serve.masks import encode_mask, pack_message
 from sam3d.serve.sessions import Entry, SessionStore
 
 log = logging.getLogger("sam3d.serve")
 STATIC_DIR = Path(__file__).with_name("static")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Window presets offered besides the dataset's own (HU, CT conventions).
 WINDOW_PRESETS_HU = {
     "abdomen": (-160.0, 240.0),
@@ -55,16 +55,9 @@ WINDOW_PRESETS_HU = {
 def nifti_name(name: str) -> str:
     """A safe file name for an upload: its last component, NIfTI suffix required."""
     base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(str(name).replace("\\", "/")).name)
-    if not base.lower().endswith(NIFTI_SUFFIXES) or base.lower() in NIFTI_SUFFIXES:
+    if not is_nifti_name(base) or not nifti_stem(base):
         raise Sam3DError(f"{name!r} is not a NIfTI file name (.nii or .nii.gz)")
     return base
-
-
-def stem(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def display_axes(affine: np.ndarray) -> tuple[list[int], list[int]]:
@@ -293,12 +286,12 @@ def create_app(
 
     async def mask_file(request: Request) -> Response:
         def save(entry: Entry) -> Response:
-            out = uploads / f"{time.time_ns()}_{stem(entry.name)}_seg.nii.gz"
+            out = uploads / f"{time.time_ns()}_{nifti_stem(entry.name)}_seg.nii.gz"
             entry.session.save(out)
             return FileResponse(
                 out,
                 media_type="application/gzip",
-                filename=f"{stem(entry.name)}_seg.nii.gz",
+                filename=f"{nifti_stem(entry.name)}_seg.nii.gz",
                 background=BackgroundTask(out.unlink, missing_ok=True),
             )
 
