@@ -92,6 +92,7 @@ class SessionStore:
 
     def add(self, name: str, session: Any, source: Path, upload: bool = False) -> Entry:
         """Register a new session, dropping expired and least recently used ones first."""
+        self.expire()
         entry = Entry(secrets.token_urlsafe(12), name, session, Path(source), upload)
         entry.last_used = self.clock()
         if session_bytes(session) > self.max_bytes:  # refused before anyone else is evicted
