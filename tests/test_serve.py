@@ -16,7 +16,7 @@ import torch
 from sam3d.errors import Sam3DError
 from sam3d.serve.app import display_axes, mask_message, nifti_name, volume_message
 from sam3d.serve.masks import decode_mask, encode_mask, mask_box, pack_message, unpack_message
-from sam3d.serve.sessions import Entry, SessionStore, session_bytes
+from sam3d.serve.sessions import Entry, SessionStore, UnknownSession, session_bytes
 
 # ---------------------------------------------------------------- masks
 
@@ -131,7 +131,7 @@ def test_sessions_expire_after_ttl(tmp_path):
     assert store.expire() == [a.id]
     assert a.id not in store and b.id in store
     assert not upload.exists()  # an upload goes with its session
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownSession):
         with store.use(a.id):
             pass
 

@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 from sam3d.data.io import is_nifti_name, nifti_stem
 from sam3d.errors import Sam3DError
 from sam3d.serve.masks import encode_mask, pack_message
-from sam3d.serve.sessions import Entry, SessionStore
+from sam3d.serve.sessions import Entry, SessionStore, UnknownSession
 
 log = logging.getLogger("sam3d.serve")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -242,7 +242,7 @@ def create_app(
         try:
             with store.use(sid) as entry:
                 return fn(entry)
-        except KeyError:
+        except UnknownSession:
             return _error(404, "this image's session has expired or is unknown; open it again")
 
     async def volume(request: Request) -> Response:

@@ -23,6 +23,10 @@ import torch
 from sam3d.errors import Sam3DError
 
 
+class UnknownSession(LookupError):
+    """No session with this id (never opened, expired or evicted)."""
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes held by the tensors in ``obj`` (nested dicts, lists, tuples)."""
     if isinstance(obj, torch.Tensor):
@@ -112,7 +116,7 @@ class SessionStore:
         self.expire()
         entry = self._entries.get(sid)
         if entry is None:
-            raise KeyError(sid)
+            raise UnknownSession(sid)
         with entry.lock:
             entry.last_used = self.clock()
             yield entry
