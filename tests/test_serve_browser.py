@@ -333,3 +333,20 @@ def test_gzip_is_smaller_on_the_wire_than_the_full_mask(page, served):
     clicks = [x for x in t if x["kind"] == "click"]
     full = int(np.prod(served["phantom"].image_hu.shape))
     assert clicks and all(0 < x["wireBytes"] < full / 50 for x in clicks)
+
+
+def test_uploading_a_good_file_opens_it(page, served, tmp_path):
+    from sam3d.data.phantoms import make_ct_phantom
+    from sam3d.data.phantoms.common import save_nifti
+
+    ph = make_ct_phantom(7, shape_vox=(48, 40, 16), spacing_mm=(2.0, 2.0, 4.0), orientation="RAS")
+    path = tmp_path / "other case.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, path, np.int16)
+    sid = page.evaluate("window.sam3d.sid")
+    page.set_input_files("#picker", str(path))
+    page.wait_for_function(f"window.sam3d.sid !== {json.dumps(sid)}")
+    assert page.evaluate("window.sam3d.vol.shape") == [48, 40, 16]
+    assert "other_case.nii.gz" in page.inner_text("#image-info")  # the name made safe
+    assert page.inner_text("#message") == ""
+    uploads = list(Path(served["app"].state.upload_dir).iterdir())
+    assert [p.name.split("_", 1)[1] for p in uploads] == ["other_case.nii.gz"]
