@@ -184,6 +184,22 @@ def test_window_growth_stops_at_the_configured_extent():
     assert windows[:, 0].max() + 16 - windows[:, 0].min() <= 32
 
 
+def test_window_growth_extent_is_in_mm_on_a_coarser_grid():
+    # a 60 mm bar on a 2 mm grid: 8-voxel windows are 16 mm, the limit 32 mm = 16 voxels
+    bar = (slice(2, 62), slice(10, 14), slice(10, 14))
+    image, truth = _volume((64, 24, 24), [bar])
+    growth = WindowGrowth(max_extent_mm=32)
+    session = ClickSession(
+        BrightComponentModel(8), image, KITS, device="cpu", growth=growth, spacing_mm=2.0
+    )
+    assert session.predictor.spacing_mm == (2.0, 2.0, 2.0)
+    mask = session.click((30, 12, 12)).numpy()
+    extent_mm = np.ptp(np.nonzero(mask.any((1, 2)))[0]) + 1  # original voxels are 1 mm
+    assert 16 < extent_mm <= 32 + 2  # (+ one grid voxel of interpolation at the ends)
+    windows = np.array(session.windows)
+    assert (windows[:, 0].max() + 8 - windows[:, 0].min()) * 2.0 <= 32
+
+
 def test_each_clicked_lesion_grows_within_its_own_extent():
     # two 36 mm bars 16 mm apart; the limit (48 mm) applies to each seed's windows
     a = (slice(4, 40), slice(10, 14), slice(10, 14))

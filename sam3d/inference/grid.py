@@ -118,6 +118,15 @@ def original_to_grid(
     return (world_mm @ np.linalg.inv(_as_affine(grid_affine)).T)[:, :3]
 
 
+def grid_spacing_mm(image: Any) -> tuple[float, float, float]:
+    """Voxel spacing (mm, 3 values) from a MetaTensor's affine; 1 mm for a plain tensor."""
+    if not isinstance(image, MetaTensor):
+        return (DEFAULT_SPACING_MM,) * 3
+    a = _as_affine(image.affine)
+    a = a[0] if a.ndim == 3 else a  # a batch of one
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
+
+
 def world_to_original(points_world: np.ndarray, original_affine: Any) -> np.ndarray:
     """RAS mm ``N x 3`` -> original voxel coordinates ``N x 3``."""
     p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)

@@ -27,6 +27,7 @@ from sam3d.errors import Sam3DError
 from sam3d.inference.grid import (
     LoadVolumed,
     check_points_inside,
+    grid_spacing_mm,
     invert_region_to_original,
     invert_to_original,
     original_to_grid,
@@ -119,7 +120,12 @@ class ClickSession:
         self.grid_image: MetaTensor = self.transform(loaded)["image"]
         roi = roi if roi is not None else model.crop_size
         self.predictor = WindowPredictor(
-            model, self.grid_image.as_tensor(), roi, growth=growth, amp=amp
+            model,
+            self.grid_image.as_tensor(),
+            roi,
+            growth=growth,
+            amp=amp,
+            spacing_mm=grid_spacing_mm(self.grid_image),
         )
         self._history: list[_State] = []
         self._state = _State([], [], [])

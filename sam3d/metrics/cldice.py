@@ -50,6 +50,10 @@ def compute_cldice(
         spatial_dims: 2 or 3; default ``pred.ndim`` (give it for batched input).
     """
     d = spatial_dims or pred.ndim
+    if d not in (2, 3) or pred.ndim < d:
+        raise ValueError(f"clDice needs 2D or 3D masks, got shape {tuple(pred.shape)}.")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt shapes differ: {tuple(pred.shape)} vs {tuple(gt.shape)}.")
     p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
     skel = skeletonize(torch.stack([p, g]), d)  # one thinning run for both masks
     return cldice_from_skeletons(p, g, skel[0], skel[1], d)
