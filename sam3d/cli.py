@@ -156,7 +156,7 @@ def _add_growth_args(p: argparse.ArgumentParser) -> None:
         "--max-extent-mm",
         type=float,
         default=384.0,
-        help="largest extent the windows may grow to along any axis",
+        help="largest extent (mm) the windows may grow to along any axis",
     )
 
 

@@ -224,6 +224,10 @@ def test_api_misuse_raises_value_error():
     with pytest.raises(TypeError, match="pred"):
         compute_assd([[0, 1]], [[0, 1]], (1, 1))
     assert float(compute_surface_dice(a, a, (1, 1, 1), 0.0)) == 1.0  # zero is a tolerance
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        SurfaceDiceMetric(tolerance_mm=-2.0)
+    with pytest.raises(ValueError, match="percent"):
+        HausdorffDistance95Metric(percent=120)
 
 
 def test_accepts_0_1_float_masks():

@@ -646,6 +646,13 @@ def _weighted_percentile(dist: torch.Tensor, area: torch.Tensor, percent: float)
     return dist[min(int(idx), dist.numel() - 1)]
 
 
+def _check_percent(percent: float) -> None:
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)):
+        raise TypeError(f"percent must be a number, got {percent!r}.")
+    if not 0.0 <= float(percent) <= 100.0:  # also refuses NaN
+        raise ValueError(f"percent must lie in [0, 100], got {percent}.")
+
+
 def compute_hd95(
     pred: torch.Tensor, gt: torch.Tensor, spacing_mm: SpacingLike, percent: float = 95.0
 ) -> torch.Tensor:
@@ -655,10 +662,7 @@ def compute_hd95(
     Hausdorff distance). inf when either mask is empty, both empty included (as the
     reference; MONAI gives NaN there).
     """
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)):
-        raise TypeError(f"percent must be a number, got {percent!r}.")
-    if not 0.0 <= float(percent) <= 100.0:  # also refuses NaN
-        raise ValueError(f"percent must lie in [0, 100], got {percent}.")
+    _check_percent(percent)
     p, _, _, lead, _ = _prepare(pred, gt, spacing_mm)
     out = []
     for item in compute_surface_distances(pred, gt, spacing_mm):
@@ -778,6 +782,7 @@ class SurfaceDiceMetric(SpacingAwareMetric):
 
     def __init__(self, tolerance_mm: float | Sequence[float], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_tolerance(tolerance_mm)  # refuse misuse when the metric is built
         self.tolerance_mm = tolerance_mm
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
@@ -791,6 +796,7 @@ class HausdorffDistance95Metric(SpacingAwareMetric):
 
     def __init__(self, percent: float = 95.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _check_percent(percent)
         self.percent = percent
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
