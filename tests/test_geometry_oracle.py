@@ -1,7 +1,8 @@
 """Where the mask lands: an oracle model through every inference path.
 
-The oracle has the Sam3D ``encode`` / ``decode`` interface and no weights: it
-returns the bright connected component under a positive click. So a saved mask
+The oracle (``tests/serve_oracle.py``, shared with the viewer's tests) has the Sam3D
+``encode`` / ``decode`` interface and no weights: it returns the connected region of
+the clicked intensity (here: the 200 HU lesion on 0 HU) under a positive click. So a saved mask
 covers the known lesion exactly when the click reached the model at the right grid
 voxel and the probability map went back to the right original voxels. Phantoms:
 LPS, LAS, oblique and anisotropic volumes (a 200 HU ellipsoid lesion off the centre
@@ -30,7 +31,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from PIL import Image
-from scipy import ndimage
+from serve_oracle import BrightComponentOracle
 
 import sam3d.models
 from sam3d.cli import main
@@ -41,34 +42,11 @@ from sam3d.inference import ClickSession
 ROOT = Path(__file__).resolve().parents[1]
 KITS = load_dataset_preset("kits")
 LESION_HU = 200.0
-THRESHOLD_Z = (100.0 - KITS["mean"]) / KITS["std"]  # halfway between 0 and 200 HU
 
 
-class BrightComponentOracle(torch.nn.Module):
-    """Tumour = the bright (> 100 HU) connected components holding a positive click."""
-
-    def __init__(self, crop_size: int = 32) -> None:
-        super().__init__()
-        self.crop_size = crop_size
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return images.clone()
-
-    def decode(
-        self, features: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor
-    ) -> torch.Tensor:
-        """``B x 1 x r x r x r`` window, ``B x N x 3`` window voxels -> logits ``B x 2 x r^3``."""
-        out = []
-        for b in range(features.shape[0]):
-            comp, _ = ndimage.label((features[b, 0] > THRESHOLD_Z).cpu().numpy())
-            keep = np.zeros(comp.shape, bool)
-            for p, lab in zip(points[b].round().long().tolist(), point_labels[b].tolist()):
-                inside = all(0 <= c < s for c, s in zip(p, comp.shape))
-                if lab == 1 and inside and comp[tuple(p)]:
-                    keep |= comp == comp[tuple(p)]
-            t = torch.as_tensor(keep, dtype=torch.float32) * 20 - 10
-            out.append(torch.stack([-t, t]))
-        return torch.stack(out).to(features.device)
+def oracle() -> BrightComponentOracle:
+    """The shared oracle (tests/serve_oracle.py): the region within 100 HU of the click's."""
+    return BrightComponentOracle(tol=100.0 / KITS["std"], crop_size=32)
 
 
 # name -> (orientation, shape (I, J, K), spacing mm, lesion offset from the centre in RAS mm)
@@ -130,7 +108,7 @@ def oracle_checkpoint(tmp_path, monkeypatch):
 
     def load(p, map_location="cpu"):
         assert str(p) == str(path)
-        return BrightComponentOracle(), {"dataset": dict(KITS)}
+        return oracle(), {"dataset": dict(KITS)}
 
     monkeypatch.setattr(sam3d.models, "load_sam3d_checkpoint", load)
     return path
@@ -144,7 +122,7 @@ def _csv(p) -> str:
 @pytest.mark.parametrize("world", [False, True], ids=["voxel", "world"])
 def test_click_session(tmp_path, name, world):
     ph = Phantom(tmp_path, name)
-    session = ClickSession(BrightComponentOracle(), ph.path, KITS, device="cpu")
+    session = ClickSession(oracle(), ph.path, KITS, device="cpu")
     session.click(ph.click_world if world else ph.click_vox, world=world)
     ph.check(session.mask_numpy())
     ph.check_file(session.save(tmp_path / "out.nii.gz"))
