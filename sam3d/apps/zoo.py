@@ -120,13 +120,15 @@ def check_bundle(
     path: str | os.PathLike,
     schema: str | os.PathLike = SCHEMA,
     overrides: dict[str, Any] | None = None,
+    network: bool = True,
     export: bool = True,
 ) -> list[ZooCheck]:
     """Run the offline zoo checks on the bundle folder ``path``.
 
     ``overrides`` are config id-value pairs for the network checks (a tiny preset, a
-    smaller ``_meta_#network_data_format#inputs#image#spatial_shape``). ``export``: also
-    export ``network_def`` with ``models/model.pt`` to TorchScript (zoo layout).
+    smaller ``_meta_#network_data_format#inputs#image#spatial_shape``). ``network``: run
+    ``verify_net_in_out``; ``export``: also export ``network_def`` with ``models/model.pt``
+    to TorchScript (zoo layout).
     """
     from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
@@ -188,7 +190,7 @@ def check_bundle(
         net_id = (
             "network_io" if train and not _missing_ids([train], ["network_io"]) else "network_def"
         )
-    if net_config is not None:
+    if network and net_config is not None:
         try:
             verify_net_in_out(
                 net_id=net_id, meta_file=str(meta_file), config_file=str(net_config),
@@ -197,7 +199,8 @@ def check_bundle(
             add("net_in_out", [])
         except Exception as e:  # the network's own error is the message
             add("net_in_out", [f"{net_id}: {type(e).__name__}: {str(e).strip()[:300]}"])
-    if zoo and export and infer is not None and (root / "models" / "model.pt").is_file():
+    weights = root / "models" / "model.pt"
+    if zoo and network and export and infer is not None and weights.is_file():
         checks += _check_torchscript(root, meta_file, infer, overrides)
     return checks
 
