@@ -147,6 +147,19 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _override(text: str) -> tuple[str, object]:
+    """``ID=VALUE`` -> (id, value); the value as a Python literal when it is one."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _cmd_bundle(args: argparse.Namespace) -> None:
     if args.action == "export":
         from sam3d.apps.export import export_bundle
@@ -161,7 +174,7 @@ def _cmd_bundle(args: argparse.Namespace) -> None:
         return
     from sam3d.apps.zoo import check_bundle, failures
 
-    checks = check_bundle(args.run_dir, export=not args.no_torchscript)
+    checks = check_bundle(args.run_dir, overrides=dict(args.set), export=not args.no_torchscript)
     for c in checks:
         print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}" + (f": {c.detail}" if c.detail else ""))
     if failures(checks):
@@ -272,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="export: the bundle version (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="export: replace a non-empty --out")
     p.add_argument("--no-torchscript", action="store_true", help="no models/model.ts / TS check")
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="ID=VALUE",
+        help="check: a config override for the network checks (e.g. preset=tiny); repeatable",
+    )
     p.set_defaults(func=_cmd_bundle)
     return parser
 

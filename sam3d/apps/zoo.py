@@ -182,6 +182,7 @@ def check_bundle(
     add("properties", problems)
 
     overrides = dict(overrides or {})
+    device = str(overrides.pop("device", "cpu"))
     if zoo:
         net_id, net_config = "network_def", infer
         overrides.setdefault("bundle_root", str(root))
@@ -194,7 +195,7 @@ def check_bundle(
         try:
             verify_net_in_out(
                 net_id=net_id, meta_file=str(meta_file), config_file=str(net_config),
-                device="cpu", **overrides,
+                device=device, **overrides,
             )  # fmt: skip
             add("net_in_out", [])
         except Exception as e:  # the network's own error is the message
