@@ -176,7 +176,7 @@ def test_exported_kits_inference_in_a_fresh_folder_equals_sam3d_segment(
     want = nib.load(ref)
     np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
     mask = np.asarray(want.dataobj)
-    assert mask.shape == ph.label.shape
+    assert mask.shape == ph.label.shape and 0 < mask.sum() < mask.size  # not a trivial mask
     np.testing.assert_array_equal(np.asarray(got.dataobj), mask)
 
 
@@ -232,6 +232,35 @@ def test_exported_retina_bundle_passes_the_zoo_checks(retina_export):
         torch.testing.assert_close(net(x), model(x), rtol=0, atol=0)
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["eval_metrics"]["val_dice"] == 0.4 and meta["sam3d"]["model"] == "topolora"
+
+
+@pytest.mark.slow
+def test_exported_retina_inference_in_a_fresh_folder_equals_the_model(retina_export, tmp_path):
+    from PIL import Image
+
+    from sam3d.data.phantoms import write_phantom_dataset
+
+    out, model = retina_export
+    write_phantom_dataset("vessels", tmp_path / "ph", 1, seed=0, size=(60, 52))
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(tmp_path / "ph" / "imagesTr" / "vessel_000.png", images / "a.png")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--input_dir", str(images)],
+        cwd=fresh, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = np.asarray(Image.open(fresh / "eval" / "inference" / "a_mask.png"))
+    rgb = np.asarray(Image.open(images / "a.png").convert("RGB"))
+    x = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        want = (torch.sigmoid(model(x))[0, 0] > 0.5).numpy().astype(np.uint8) * 255
+    assert got.shape == (60, 52) and 0 < (want > 0).mean() < 1  # not a trivial mask
+    np.testing.assert_array_equal(got, want)
 
 
 def test_export_refuses_what_is_not_a_run(tmp_path, kits_export):
