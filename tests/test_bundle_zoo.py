@@ -284,7 +284,19 @@ def test_bundle_commands(retina_export, tmp_path, capsys):
     capsys.readouterr()
     shape = f"{SHAPE}=[48, 40]"  # a literal, parsed
     assert (
-        main(["bundle", "check", str(tmp_path / "b"), "--set", shape, "--set", "device=cpu"]) == 0
+        main(
+            [
+                "bundle",
+                "check",
+                str(tmp_path / "b"),
+                "--set",
+                shape,
+                "--set",
+                "device=cpu",
+                "--no-torchscript",
+            ]
+        )
+        == 0  # fmt: skip
     )
     printed = capsys.readouterr().out
     assert "ok   metadata" in printed and "ok   net_in_out" in printed
