@@ -20,6 +20,8 @@ _LAZY = {
     "save_sam3d_checkpoint": "sam3d.models.volumetric.sam3d",
     "TopoLoRASam": "sam3d.models.planar.topolora",
     "build_topolora_sam": "sam3d.models.planar.topolora",
+    "Samus": "sam3d.models.planar.samus",
+    "build_samus": "sam3d.models.planar.samus",
     "build_sam": "sam3d.models.sam.build",
     "build_model": "sam3d.models.registry",
     "model_kinds": "sam3d.models.registry",

@@ -62,6 +62,7 @@ register_model(
         presets="topolora",
     )
 )
+register_model(ModelKind("samus", "planar", "sam3d.models.planar.samus:build_samus", "Samus"))
 
 
 def model_kinds() -> list[str]:
