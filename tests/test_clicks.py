@@ -7,7 +7,16 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from sam3d.data.clicks import RandSimulateClicksd, SimulateClicksd, case_seed, sample_clicks
+from sam3d.data.clicks import (
+    RandSimulateClicksd,
+    RandStructureClicksd,
+    SimulateClicksd,
+    StructureClicksd,
+    case_seed,
+    error_region_click,
+    interior_point,
+    sample_clicks,
+)
 from sam3d.errors import Sam3DError
 
 
@@ -141,3 +150,79 @@ def test_varying_click_counts_stay_in_bounds_and_cover_single_clicks():
         assert (inside[:n_pos] == 1).all() and (inside[n_pos : n_pos + n_neg] == 0).all()
         seen_pos.add(n_pos)
     assert seen_pos == {1, 2, 3, 4}
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def _u_mask() -> np.ndarray:
+    u = np.zeros((30, 40), dtype=bool)
+    u[4:26, 4:12] = True  # left arm
+    u[4:26, 28:36] = True  # right arm
+    u[18:26, 4:36] = True  # bottom bar
+    return u
+
+
+def test_interior_point_lies_deep_inside_a_u_shape():
+    u = _u_mask()
+    centroid = np.argwhere(u).mean(0).round().astype(int)
+    assert not u[tuple(centroid)]  # the centroid of a U is outside it
+    idx = np.argwhere(u)
+    middle = idx[len(idx) // 2]  # the reference's click: a mask pixel, but on its edge
+    p = interior_point(u)
+    assert u[tuple(p)]
+    r, c = middle
+    assert not u[r - 1 : r + 2, c - 1 : c + 2].all()  # it touches the background
+    assert p[1] - 1 >= 0 and u[p[0] - 1 : p[0] + 2, p[1] - 1 : p[1] + 2].all()
+    # independent check: brute-force distance to the nearest background pixel (border = bg)
+    padded = np.pad(u, 1)
+    bg = np.argwhere(~padded)
+    fg = np.argwhere(padded)
+    dist = np.sqrt(((fg[:, None, :] - bg[None, :, :]) ** 2).sum(-1)).min(1)
+    assert np.isclose(dist.max(), np.sqrt(((p + 1 - bg) ** 2).sum(-1)).min())
+    assert interior_point(np.zeros((5, 5), bool)) is None
+    full = np.ones((7, 9), bool)  # the image border counts as boundary: the centre wins
+    assert interior_point(full).tolist() == [3, 4]
+    assert interior_point(u).tolist() == p.tolist()  # deterministic
+
+
+def test_error_region_click_is_farthest_from_the_first_inside_the_errors():
+    gt = np.zeros((10, 10), bool)
+    gt[2:8, 2:8] = True
+    pred = gt.copy()
+    pred[2:8, 6:8] = False  # missed strip on the right
+    pred[0, 0] = True  # a leak far away
+    point, label = error_region_click(gt, pred, first=(4, 4))
+    assert point.tolist() == [0, 0] and label == 0  # the leak is farther than the strip
+    pred[0, 0] = False
+    point, label = error_region_click(gt, pred, first=(4, 4))
+    assert label == 1 and gt[tuple(point)] and not pred[tuple(point)]
+    assert point.tolist() in ([7, 7],)  # farthest missed pixel from (4, 4)
+    assert error_region_click(gt, gt, (4, 4)) is None
+
+
+def test_structure_clicks_one_prompt_per_channel_with_padding():
+    lab = np.zeros((3, 30, 40), np.float32)
+    lab[0] = _u_mask()
+    lab[1, 2:5, 30:38] = 1  # channel 2 empty: structure absent
+    out = StructureClicksd("label")({"label": torch.from_numpy(lab)})
+    assert out["points"].shape == (3, 1, 2) and out["point_labels"].tolist() == [[1], [1], [-1]]
+    for c in range(2):
+        r, col = out["points"][c, 0].long().tolist()
+        assert lab[c, r, col] == 1
+    pred = lab.copy()
+    pred[0, 20:26, 4:36] = 0  # the model missed the U's bar
+    two = StructureClicksd("label", pred_key="pred")({"label": lab, "pred": pred})
+    assert two["points"].shape == (3, 2, 2)
+    assert two["point_labels"].tolist() == [[1, 1], [1, -1], [-1, -1]]
+    r, col = two["points"][0, 1].long().tolist()
+    assert lab[0, r, col] == 1 and pred[0, r, col] == 0
+    rand = RandStructureClicksd("label")
+    rand.set_random_state(0)
+    a = rand({"label": lab})
+    assert a["point_labels"].tolist() == [[1], [1], [-1]]
+    for c in range(2):
+        r, col = a["points"][c, 0].long().tolist()
+        assert lab[c, r, col] == 1
+    rand.set_random_state(0)
+    assert torch.equal(rand({"label": lab})["points"], a["points"])  # seeded by MONAI

@@ -7,19 +7,31 @@ no carrying through transforms. Labels: 1 positive, 0 negative, -1 padding; ever
 is padded to the same number of clicks so batches collate to ``points B x N x 3`` and
 ``point_labels B x N``.
 
-Two dictionary transforms:
+Two dictionary transforms for a tumour in a volume:
 
 - :class:`SimulateClicksd`: deterministic, seeded per case (global seed + case name), so
   every model scored on a split sees exactly the same clicks, whatever the order of the
   cases or the number of workers. Not randomizable, so MONAI's ``CacheDataset`` caches it.
 - :class:`RandSimulateClicksd`: a MONAI randomizable transform for training; its generator
   is seeded by MONAI (``set_determinism`` / the data loader), so runs are reproducible.
+
+And for several structures in an image (any number of spatial dims; one channel per
+structure, one prompt per structure: ``points K x N x d``, ``point_labels K x N``):
+
+- :func:`interior_point`: the deterministic evaluation click, the point farthest from
+  the structure's boundary (a distance transform), inside every mask, also a U-shaped
+  one (the middle element of ``argwhere`` is not);
+- :func:`error_region_click`: the refinement click, the point of the error region
+  farthest from the first click (positive where missed, negative where leaked);
+- :class:`StructureClicksd` (evaluation: interior points, optionally a second
+  click from a prediction) and :class:`RandStructureClicksd` (training: one random
+  positive per structure).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +42,16 @@ from monai.transforms import MapTransform, Randomizable
 
 from sam3d.errors import Sam3DError
 
-__all__ = ["case_seed", "sample_clicks", "SimulateClicksd", "RandSimulateClicksd"]
+__all__ = [
+    "case_seed",
+    "sample_clicks",
+    "SimulateClicksd",
+    "RandSimulateClicksd",
+    "interior_point",
+    "error_region_click",
+    "StructureClicksd",
+    "RandStructureClicksd",
+]
 
 Generator = np.random.Generator | np.random.RandomState
 
@@ -52,7 +73,7 @@ def _as_mask(label: Any, tumour_label: int) -> np.ndarray:
 
 
 def _draw(region: np.ndarray, k: int, rng: Generator) -> np.ndarray:
-    """``k`` voxel indices (k x 3) drawn uniformly from the True voxels of ``region``."""
+    """``k`` indices (``k x d``) drawn uniformly from the True points of ``region``."""
     flat = np.flatnonzero(region)
     if k <= 0 or flat.size == 0:
         return np.zeros((0, 3), dtype=np.int64)
@@ -220,4 +241,135 @@ class RandSimulateClicksd(Randomizable, _ClicksBase):
         d[self.labels_key] = torch.full((n,), -1, dtype=torch.int64)
         d[self.points_key][: len(points)] = torch.from_numpy(points)
         d[self.labels_key][: len(labels)] = torch.from_numpy(labels)
+        return d
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def interior_point(mask: np.ndarray, spacing: Any = None) -> np.ndarray | None:
+    """The index of the point of ``mask`` farthest from its boundary, or None if empty.
+
+    Euclidean distance transform of the mask padded with background (the image border
+    counts as boundary), in units of ``spacing`` (per axis) when given; ties go to the
+    first point in C order, so the click is deterministic. ``mask``: bool ``spatial``;
+    returns int64 ``d``.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    dist = ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing)
+    dist = dist[tuple(slice(1, -1) for _ in m.shape)]
+    return np.asarray(np.unravel_index(int(np.argmax(dist)), m.shape), dtype=np.int64)
+
+
+def error_region_click(
+    gt: np.ndarray, pred: np.ndarray, first: Sequence[float]
+) -> tuple[np.ndarray, int] | None:
+    """Second click: the point of the error region farthest from the first click.
+
+    The error region is ``gt xor pred``; the click is positive (1) where the prediction
+    missed the structure and negative (0) where it leaked outside it. Ties go to the
+    first point in C order. None when the prediction is exact. Returns (int64 ``d``, label).
+    """
+    g, p = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+    if g.shape != p.shape:
+        raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
+    idx = np.argwhere(g ^ p)
+    if idx.size == 0:
+        return None
+    d2 = ((idx - np.asarray(first, dtype=np.float64)[None]) ** 2).sum(1)
+    point = idx[int(np.argmax(d2))].astype(np.int64)
+    return point, int(g[tuple(point)])
+
+
+def _structure_channels(label: Any) -> np.ndarray:
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim < 3:
+        raise ValueError(
+            f"expected a label K x spatial (one channel per structure), got {arr.shape}"
+        )
+    return arr > 0
+
+
+class StructureClicksd(MapTransform):
+    """Deterministic clicks, one prompt per structure: the interior point of each channel.
+
+    ``data[key]``: ``K x spatial`` masks (channel k = structure k + 1). Adds
+    ``points`` float32 ``K x N x d`` and ``point_labels`` int64 ``K x N`` (N = 1, or 2
+    with ``pred_key``: the second click from :func:`error_region_click` on the
+    prediction ``data[pred_key]`` (``K x spatial``), -1 padding where the prediction is
+    exact). An empty channel gets only padding.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        pred_key: str | None = None,
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError("click simulation reads exactly one label key")
+        self.pred_key, self.points_key, self.labels_key = pred_key, points_key, labels_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        masks = _structure_channels(d[self.keys[0]])
+        preds = None if self.pred_key is None else _structure_channels(d[self.pred_key])
+        k, dims, n = masks.shape[0], masks.ndim - 1, 1 if preds is None else 2
+        points = np.zeros((k, n, dims), dtype=np.float32)
+        labels = np.full((k, n), -1, dtype=np.int64)
+        for c in range(k):
+            first = interior_point(masks[c])
+            if first is None:
+                continue
+            points[c, 0], labels[c, 0] = first, 1
+            if preds is not None:
+                second = error_region_click(masks[c], preds[c], first)
+                if second is not None:
+                    points[c, 1], labels[c, 1] = second
+        d[self.points_key] = torch.from_numpy(points)
+        d[self.labels_key] = torch.from_numpy(labels)
+        return d
+
+
+class RandStructureClicksd(Randomizable, MapTransform):
+    """Training clicks: one random positive per structure (the seed's recipe).
+
+    Uniform over each channel's pixels, from MONAI's seeded ``R``; outputs as
+    :class:`StructureClicksd` with N = 1 (-1 padding for an empty channel).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError("click simulation reads exactly one label key")
+        self.points_key, self.labels_key = points_key, labels_key
+
+    def randomize(self, data: Any = None) -> None:  # the draw itself uses self.R
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        masks = _structure_channels(d[self.keys[0]])
+        k, dims = masks.shape[0], masks.ndim - 1
+        points = np.zeros((k, 1, dims), dtype=np.float32)
+        labels = np.full((k, 1), -1, dtype=np.int64)
+        for c in range(k):
+            drawn = _draw(masks[c], 1, self.R)
+            if len(drawn):
+                points[c, 0], labels[c, 0] = drawn[0], 1
+        d[self.points_key] = torch.from_numpy(points)
+        d[self.labels_key] = torch.from_numpy(labels)
         return d
