@@ -181,8 +181,8 @@ def test_interior_point_lies_deep_inside_a_u_shape():
     dist = np.sqrt(((fg[:, None, :] - bg[None, :, :]) ** 2).sum(-1)).min(1)
     assert np.isclose(dist.max(), np.sqrt(((p + 1 - bg) ** 2).sum(-1)).min())
     assert interior_point(np.zeros((5, 5), bool)) is None
-    full = np.ones((7, 9), bool)  # the image border counts as boundary: the centre wins
-    assert interior_point(full).tolist() == [3, 4]
+    full = np.ones((7, 9), bool)  # the image border counts as boundary: row 3 is deepest
+    assert interior_point(full).tolist() == [3, 3]  # cols 3..5 tie at 4 px: first in C order
     assert interior_point(u).tolist() == p.tolist()  # deterministic
 
 
