@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="generate a synthetic dataset with an MSD dataset.json")
-    p.add_argument("--kind", choices=["ct", "vessels"], default="ct")
+    p.add_argument("--kind", choices=["ct", "vessels", "echo"], default="ct")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--n", type=int, default=8, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         metavar="N",
-        help="ct: I J K voxels; vessels: H W pixels (default: drawn / 256 256)",
+        help="ct: I J K voxels; vessels, echo: H W pixels (default: drawn / 256 256)",
     )
     p.add_argument(
         "--spacing", type=float, nargs=3, metavar="MM", help="ct: voxel size (default: drawn)"

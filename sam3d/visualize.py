@@ -188,3 +188,61 @@ def save_vessel_preview(
         axes[1].set_title("label", fontsize=9)
     fig.tight_layout()
     return _atomic_savefig(fig, Path(path), dpi)
+
+
+def save_planar_overlay(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    path: str | Path,
+    points_rc: Sequence[Sequence[float]] | None = None,
+    point_labels: Sequence[int] | None = None,
+    class_names: dict[int, str] | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Save a 2D image beside it with each label value outlined in its own colour, atomically.
+
+    Args:
+        image: (H, W) grey or (H, W, 3) RGB, in [0, 1] or 0..255.
+        label: (H, W) class ids (0 background) or None.
+        points_rc: clicks as (row, col) pixel indices; point_labels 1 positive (green +),
+            0 negative (red x), -1 padding (not drawn).
+        class_names: legend text per class id.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    img = _to_numpy(image).astype(np.float32, copy=False)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
+        raise Sam3DError(f"image must be (H, W) or (H, W, 3), got shape {tuple(img.shape)}")
+    if img.size and img.max() > 1.0:
+        img = img / 255.0
+    fig = Figure(figsize=(8.4, 4.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax in axes:
+        ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_axis_off()
+    axes[0].set_title("image", fontsize=9)
+    handles = []
+    if label is not None:
+        lab = _to_numpy(label).astype(np.int64)
+        if lab.shape != img.shape[:2]:
+            raise Sam3DError(f"label shape {lab.shape} differs from image shape {img.shape[:2]}")
+        for i, value in enumerate(v for v in np.unique(lab) if v != 0):
+            color = _LABEL_COLORS[i % len(_LABEL_COLORS)]
+            axes[1].contour(lab == value, levels=[0.5], colors=[color], linewidths=1.2)
+            name = (class_names or {}).get(int(value), f"label {value}")
+            handles.append(Line2D([], [], color=color, label=name))
+    if points_rc is not None:
+        labels = list(point_labels) if point_labels is not None else [1] * len(points_rc)
+        for (r, c), lab_ in zip(points_rc, labels):
+            if lab_ >= 0:
+                marker, color = ("+", "#00ff00") if lab_ == 1 else ("x", "#ff3030")
+                axes[1].plot([c], [r], marker=marker, color=color, markersize=10, mew=2)
+    if handles:
+        axes[1].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
+    axes[1].set_title("outlines" if title is None else title, fontsize=9)
+    fig.tight_layout()
+    return _atomic_savefig(fig, Path(path), dpi)

@@ -1,5 +1,6 @@
-"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`) and
-fundus-like vessel images (:mod:`.vessels`), written as MSD-style datasets."""
+"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`),
+fundus-like vessel images (:mod:`.vessels`) and echocardiography-like images
+(:mod:`.echo`), written as MSD-style datasets."""
 
 from __future__ import annotations
 
@@ -30,11 +31,21 @@ from sam3d.data.phantoms.ct import (
     T,
     make_ct_phantom,
 )
+from sam3d.data.phantoms.echo import (
+    ECHO_CLASS_NAMES,
+    ECHO_LABELS,
+    EchoPhantom,
+    make_echo_phantom,
+)
 from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
 from sam3d.data.splits import carve
 from sam3d.errors import Sam3DError
 
 __all__ = [
+    "ECHO_CLASS_NAMES",
+    "ECHO_LABELS",
+    "EchoPhantom",
+    "make_echo_phantom",
     "LESION_CONTRAST_HU",
     "LESION_DIAMETER_MM",
     "ORIENTATIONS",
@@ -77,11 +88,15 @@ def write_phantom_dataset(
     ct: ``imagesTr/phantom_XXX.nii.gz`` (int16 HU) and ``labelsTr/phantom_XXX.nii.gz``
     (uint8: 0 background, 1 kidney, 2 tumour). vessels: ``imagesTr/vessel_XXX.png``
     (RGB), ``labelsTr/vessel_XXX.png`` (uint8 0/1) and ``fovTr/vessel_XXX.png`` (0/1).
+    echo: ``imagesTr/echo_XXX.png`` (grey), ``labelsTr/echo_XXX.png`` (uint8: 0
+    background, 1 left ventricle, 2 myocardium, 3 left atrium), each entry with its
+    ``spacing_mm`` (row, col), and ``preview.png`` (the first case, outlined).
     ``dataset.json`` lists ``training``/``validation``/``test`` (60/20/20) with paths
-    relative to it. ``kwargs`` go to :func:`make_ct_phantom` / :func:`make_vessel_phantom`.
+    relative to it. ``kwargs`` go to :func:`make_ct_phantom` / :func:`make_vessel_phantom`
+    / :func:`make_echo_phantom`.
     """
-    if kind not in ("ct", "vessels"):
-        raise Sam3DError(f"unknown phantom kind {kind!r}: use 'ct' or 'vessels'")
+    if kind not in ("ct", "vessels", "echo"):
+        raise Sam3DError(f"unknown phantom kind {kind!r}: use 'ct', 'vessels' or 'echo'")
     if int(n) < 1:
         raise Sam3DError(f"the number of cases must be at least 1, got {n}")
     out = Path(out)
@@ -109,6 +124,26 @@ def write_phantom_dataset(
                     "lesion_diameters_mm": [round(les.diameter_mm, 2) for les in ph.lesions],
                 }
             )
+        elif kind == "echo":
+            ep = make_echo_phantom(s, **kwargs)
+            name = f"echo_{i:03d}.png"
+            save_png(np.rint(ep.image * 255).astype(np.uint8), out / "imagesTr" / name)
+            save_png(ep.label, out / "labelsTr" / name)
+            spacing = [round(v, 6) for v in ep.spacing_mm]
+            entries.append(
+                {
+                    "image": f"./imagesTr/{name}",
+                    "label": f"./labelsTr/{name}",
+                    "spacing_mm": spacing,
+                }
+            )
+            cases.append({"case": name, "seed": s, "spacing_mm": spacing})
+            if i == 0:
+                from sam3d.visualize import save_planar_overlay
+
+                save_planar_overlay(
+                    ep.image, ep.label, out / "preview.png", class_names=ECHO_LABELS
+                )
         else:
             vp = make_vessel_phantom(s, **kwargs)
             name = f"vessel_{i:03d}.png"
@@ -124,16 +159,20 @@ def write_phantom_dataset(
             )
             cases.append({"case": name, "seed": s, "n_trees": vp.n_trees})
     train, val, test = split_cases(int(n))
+    modality = {"ct": "CT", "vessels": "fundus RGB", "echo": "US"}[kind]
+    labels = {
+        "ct": {"0": "background", "1": "kidney", "2": "tumour"},
+        "vessels": {"0": "background", "1": "vessel"},
+        "echo": {str(k): v for k, v in ECHO_LABELS.items()},
+    }[kind]
     meta: dict[str, Any] = {
-        "name": "sam3d-phantom-ct" if kind == "ct" else "sam3d-phantom-vessels",
+        "name": f"sam3d-phantom-{kind}",
         "description": f"synthetic data from sam3d.data.phantoms (seed {seed})",
         "reference": "sam3d",
         "licence": "CC0",
         "tensorImageSize": "3D" if kind == "ct" else "2D",
-        "modality": {"0": "CT"} if kind == "ct" else {"0": "fundus RGB"},
-        "labels": {"0": "background", "1": "kidney", "2": "tumour"}
-        if kind == "ct"
-        else {"0": "background", "1": "vessel"},
+        "modality": {"0": modality},
+        "labels": labels,
         "numTraining": len(train) + len(val),
         "numTest": len(test),
         "training": [entries[i] for i in train],
