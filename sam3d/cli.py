@@ -181,6 +181,26 @@ def _cmd_bundle(args: argparse.Namespace) -> None:
         raise Sam3DError(f"{len(failures(checks))} zoo check(s) failed")
 
 
+def _xy(text: str) -> tuple[float, float]:
+    try:
+        point = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        point = ()
+    if len(point) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers X,Y (column, row), got {text!r}")
+    return point  # type: ignore[return-value]
+
+
+def _cmd_segment_2d(args: argparse.Namespace) -> None:
+    from sam3d.inference.planar import segment_image_file
+
+    mask = segment_image_file(
+        args.image, args.checkpoint, args.out, args.click, args.negative, args.preview, args.device
+    )
+    extra = f" and {args.preview}" if args.preview else ""
+    print(f"wrote {args.out} ({int(mask.sum())} pixels){extra}")
+
+
 def _add_growth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument(
@@ -294,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="check: a config override for the network checks (e.g. preset=tiny); repeatable",
     )
     p.set_defaults(func=_cmd_bundle)
+
+    p = sub.add_parser("segment-2d", help="segment a structure in a 2D image (PNG) from clicks")
+    p.add_argument("image", type=Path, help="8-bit grey or RGB image (.png)")
+    for flag, what in (("--click", "positive click"), ("--negative", "negative click")):
+        p.add_argument(flag, action="append", type=_xy, default=[], metavar="X,Y",
+                       help=f"{what}: pixel column, row; repeatable")  # fmt: skip
+    p.add_argument("--checkpoint", required=True, type=Path, help="trained model.pt (samus)")
+    p.add_argument("--out", required=True, type=Path, help="output mask .png (0 / 255)")
+    p.add_argument("--preview", type=Path, help="also write an overlay .png")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.set_defaults(func=_cmd_segment_2d)
     return parser
 
 

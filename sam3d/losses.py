@@ -145,3 +145,26 @@ class BCEDiceClDiceLoss(torch.nn.Module):
         if self.lambda_cldice:
             loss = loss + self.lambda_cldice * self.cldice(input, t)
         return loss
+
+
+class BCEDiceLoss(torch.nn.Module):
+    """``lambda_bce * BCE(pos_weight) + lambda_dice * soft Dice`` on sigmoid logits.
+
+    SAMUS's loss (0.2 BCE with ``pos_weight`` 2 + 0.8 Dice). Input: logits
+    ``B x K x spatial`` (one channel per prompted structure); target alike in {0, 1}.
+    Dice is per case and channel, then averaged (MONAI's ``DiceLoss``).
+    """
+
+    def __init__(
+        self, lambda_bce: float = 0.2, lambda_dice: float = 0.8, pos_weight: float = 2.0
+    ) -> None:
+        super().__init__()
+        self.lambda_bce, self.lambda_dice = float(lambda_bce), float(lambda_dice)
+        self.pos_weight = float(pos_weight)
+        self.dice = DiceLoss(sigmoid=True)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = target.to(input.dtype)
+        pw = torch.tensor(self.pos_weight, dtype=input.dtype, device=input.device)
+        bce = F.binary_cross_entropy_with_logits(input, t, pos_weight=pw)
+        return self.lambda_bce * bce + self.lambda_dice * self.dice(input, t)

@@ -319,6 +319,8 @@ class StructureClicksd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if self.keys[0] not in d and self.allow_missing_keys:
+            return d  # clicks given with the case (inference)
         masks = _structure_channels(d[self.keys[0]])
         preds = None if self.pred_key is None else _structure_channels(d[self.pred_key])
         k, dims, n = masks.shape[0], masks.ndim - 1, 1 if preds is None else 2

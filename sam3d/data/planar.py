@@ -28,6 +28,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import PILWriter
 from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
 
 from sam3d.data.splits import complete_splits
 from sam3d.errors import Sam3DError
@@ -125,6 +126,8 @@ def find_image_mask_dataset(
                 {
                     "image": str((d / it["image"]).resolve()),
                     "label": str((d / it["label"]).resolve()),
+                    # a pixel size the index knows (echo phantoms) goes to the surface metrics
+                    **({"spacing_mm": it["spacing_mm"]} if "spacing_mm" in it else {}),
                 }
                 for it in items
             ]
@@ -224,3 +227,139 @@ class PILWriterHW(PILWriter):
     def write(self, filename, verbose: bool = False, **kwargs):  # noqa: D102
         kwargs.setdefault("reverse_indexing", False)
         super().write(filename, verbose=verbose, **kwargs)
+
+
+def _source(img: Any, key: Hashable) -> str:
+    name = img.meta.get("filename_or_obj") if hasattr(img, "meta") else None
+    return str(name) if name else str(key)
+
+
+class ToUnitGreyd(MapTransform):
+    """8-bit grey (or RGB, averaged) ``C x H x W`` images to ``1 x H x W`` float32 in [0, 1].
+
+    Refused with a :class:`Sam3DError` naming the file: an alpha channel (RGBA, grey +
+    alpha) and any other bit depth than 8 (a 16-bit PNG loads as int32): their scale is
+    the user's to choose, not ours to guess.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            c = img.shape[0]
+            if c in (2, 4):
+                raise Sam3DError(
+                    f"{_source(img, key)} has an alpha channel ({c} channels); save it as "
+                    "8-bit grey or RGB"
+                )
+            if c not in (1, 3):
+                raise Sam3DError(f"{_source(img, key)} has {c} channels; expected grey or RGB")
+            if img.dtype not in (torch.uint8, torch.bool):
+                raise Sam3DError(
+                    f"{_source(img, key)} is not an 8-bit image (loaded as {img.dtype}, e.g. "
+                    "a 16-bit PNG); convert it to 8-bit grey"
+                )
+            x = img.float()
+            x = x.mean(0, keepdim=True) if c == 3 else x
+            d[key] = x / (1.0 if img.dtype == torch.bool else 255.0)
+        return d
+
+
+class ClassMaskd(MapTransform):
+    """A class-id mask (``1 x H x W``; RGB masks with equal channels too) to ``K x H x W``
+    float one-hot channels of classes ``1..K`` (background dropped).
+
+    Args:
+        num_classes: ``K``, the structures (CAMUS: 3, a binary dataset: 1).
+        values: the grey value of each class, background first (e.g. ``[0, 85, 170, 255]``);
+            without it ids ``0..K`` are taken as they are, and a binary mask of any two
+            values (``0`` / ``255``) is class 1 when ``K == 1``.
+
+    A mask holding other values raises :class:`Sam3DError` with the file and the values.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        values: list[int] | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+        if values is not None and len(values) != self.num_classes + 1:
+            raise Sam3DError(
+                f"label_values needs {self.num_classes + 1} values (background first), "
+                f"got {list(values)}"
+            )
+        self.values = None if values is None else [int(v) for v in values]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        k = self.num_classes
+        for key in self.key_iterator(d):
+            m = d[key]
+            if m.shape[0] > 1:
+                if not bool((m == m[:1]).all()):
+                    raise Sam3DError(f"{_source(m, key)}: a colour mask; save class ids as grey")
+                m = m[:1]
+            ids = m.long()
+            found = sorted(int(v) for v in torch.unique(ids))
+            if self.values is not None:
+                lut = {v: i for i, v in enumerate(self.values)}
+                bad = [v for v in found if v not in lut]
+                if not bad:
+                    ids = torch.zeros_like(ids)
+                    for v, i in lut.items():
+                        ids[m.long() == v] = i
+            elif all(0 <= v <= k for v in found):
+                bad = []
+            elif k == 1 and len(found) <= 2 and found[0] == 0:
+                bad, ids = [], (ids > 0).long()
+            else:
+                bad = [v for v in found if not 0 <= v <= k]
+            if bad:
+                allowed = self.values if self.values is not None else list(range(k + 1))
+                raise Sam3DError(
+                    f"{_source(m, key)} has class ids {bad} outside {allowed} "
+                    f"(num_classes={k}); set label_values to map the mask's grey values"
+                )
+            classes = torch.arange(1, k + 1, device=ids.device).view(k, 1, 1)
+            out = (ids == classes).float()
+            d[key] = convert_to_dst_type(out, m)[0] if hasattr(m, "meta") else out
+        return d
+
+
+class SetPixelSpacingd(MapTransform):
+    """Put a case's pixel size (``data[spacing_key]``: (row, col) mm) into the affines.
+
+    Surface metrics read the spacing from the MetaTensor affine
+    (:func:`sam3d.metrics.spacing_from_meta`); a PNG has none (1 px). Cases without the
+    key keep their affine.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spacing_key: str = "spacing_mm",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.spacing_key = spacing_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        spacing = d.get(self.spacing_key)
+        if spacing is None:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            if hasattr(img, "affine"):
+                affine = img.affine.clone()
+                for axis, s in enumerate(torch.as_tensor(spacing, dtype=affine.dtype).flatten()):
+                    affine[axis, axis] = s
+                img.affine = affine
+        return d
