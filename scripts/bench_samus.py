@@ -98,7 +98,7 @@ def _one_variant(args, which: str) -> dict:
     times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for i in range(args.steps + 1):
+    for i in range(args.steps + args.warmup):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def _one_variant(args, which: str) -> dict:
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        if i:  # the first step warms up
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak = (
         torch.cuda.max_memory_allocated(dev)
@@ -139,7 +139,10 @@ def bench_step(args) -> list[dict]:
             rows.append(_one_variant(args, which))
             torch.cuda.empty_cache()
     samus, full = rows
-    print(f"device {args.device}, SAM preset {args.preset}, batch {args.batch}, {args.steps} steps")
+    print(
+        f"device {args.device}, SAM preset {args.preset}, batch {args.batch}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     for r in rows:
         name = "SAMUS" if r["variant"] == "samus" else "SAM full fine-tuning"
         print(
@@ -260,6 +263,7 @@ def main(argv=None) -> None:
     p.add_argument("--sam-size", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (step)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", type=int, default=20)
@@ -270,7 +274,7 @@ def main(argv=None) -> None:
     if args.json:
         variant = args.variant
         args = argparse.Namespace(**json.loads(args.json))
-        args.variant = variant
+        args.what, args.variant, args.json = "_variant", variant, None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_samus: --device cuda asked for but no CUDA GPU is available")
     torch.set_num_threads(args.threads)
