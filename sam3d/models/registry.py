@@ -62,7 +62,9 @@ register_model(
         presets="topolora",
     )
 )
-register_model(ModelKind("samus", "planar", "sam3d.models.planar.samus:build_samus", "Samus"))
+register_model(
+    ModelKind("samus", "planar", "sam3d.models.planar.samus:build_samus", "Samus", presets="samus")
+)
 
 
 def model_kinds() -> list[str]:

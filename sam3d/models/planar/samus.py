@@ -322,13 +322,17 @@ class Samus(nn.Module):
         return torch.stack([x, y], dim=-1)
 
     def decode(
-        self, embeddings: torch.Tensor, points_xy: torch.Tensor, point_labels: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        points_xy: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         """Prompted decoding, one mask per prompt.
 
         Args:
             embeddings: ``B x 256 x g x g``.
-            points_xy: ``B x K x N x 2`` SAM ``(x, y)`` in the ``S`` frame (K prompts per image).
+            points_xy: ``B x K x N x 2`` SAM ``(x, y)`` in the ``S`` frame (K prompts per
+                image), or None: one prompt-free mask per image (SAM's empty prompt).
             point_labels: ``B x K x N``: 1 positive, 0 negative, -1 padding.
 
         Returns:
@@ -339,7 +343,8 @@ class Samus(nn.Module):
         out = []
         # SAM's decoder repeats one image's embedding for each of its K prompts
         for i in range(embeddings.shape[0]):
-            sparse, dense = pe(points=(points_xy[i], point_labels[i]), boxes=None, masks=None)
+            points = None if points_xy is None else (points_xy[i], point_labels[i])
+            sparse, dense = pe(points=points, boxes=None, masks=None)
             low_res, _ = self.sam.mask_decoder(
                 image_embeddings=embeddings[i : i + 1],
                 image_pe=image_pe,
@@ -351,28 +356,36 @@ class Samus(nn.Module):
         return torch.stack(out)
 
     def forward(
-        self, images: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor
+        self,
+        images: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``B x K x H x W`` at the images' native size.
 
         Args:
             images: ``B x C x H x W`` in [0, 1], C = 1 (grey) or 3.
             points: ``B x K x N x 2`` pixel indices ``(row, col)`` of the native image, or
-                ``B x N x 2`` for one prompt per image (K = 1).
+                ``B x N x 2`` for one prompt per image (K = 1); None: SAM's prompt-free
+                mask (K = 1).
             point_labels: ``B x K x N`` (or ``B x N``): 1 positive, 0 negative, -1 padding.
         """
-        if points.ndim == 3:
-            points, point_labels = points[:, None], point_labels[:, None]
-        if points.ndim != 4 or points.shape[-1] != 2 or point_labels.shape != points.shape[:-1]:
-            raise Sam3DError(
-                f"points must be B x K x N x 2 with labels B x K x N, got {tuple(points.shape)} "
-                f"and {tuple(point_labels.shape)}"
-            )
         hw = (int(images.shape[-2]), int(images.shape[-1]))
         emb = self.image_embeddings(self.preprocess(images))
-        low_res = self.decode(
-            emb, self.to_input_frame(points, hw).to(emb.dtype), point_labels.long()
-        )
+        if points is None:
+            low_res = self.decode(emb, None, None)
+        else:
+            if point_labels is None:
+                raise Sam3DError("points need point_labels (1 positive, 0 negative, -1 padding)")
+            if points.ndim == 3:
+                points, point_labels = points[:, None], point_labels[:, None]
+            if points.ndim != 4 or points.shape[-1] != 2 or point_labels.shape != points.shape[:-1]:
+                raise Sam3DError(
+                    f"points must be B x K x N x 2 with labels B x K x N, got "
+                    f"{tuple(points.shape)} and {tuple(point_labels.shape)}"
+                )
+            xy = self.to_input_frame(points, hw).to(emb.dtype)
+            low_res = self.decode(emb, xy, point_labels.long())
         # float32 logits at native size, also under bf16 autocast
         return F.interpolate(low_res.float(), size=hw, mode="bilinear", align_corners=False)
 
