@@ -133,8 +133,11 @@ def bench_step(args) -> list[dict]:
     for which in ("samus", "full"):
         if args.device == "cpu":  # peak RSS needs a process per variant
             cmd = [sys.executable, __file__, "_variant", which, "--json", json.dumps(vars(args))]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            found = [ln for ln in done.stdout.splitlines() if ln.startswith('{"variant"')]
+            if done.returncode or not found:
+                raise SystemExit(f"bench_samus: the {which} variant failed:\n{done.stderr[-2000:]}")
+            rows.append(json.loads(found[-1]))
         else:
             rows.append(_one_variant(args, which))
             torch.cuda.empty_cache()
