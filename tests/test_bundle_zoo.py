@@ -31,6 +31,7 @@ SHAPE = "_meta_#network_data_format#inputs#image#spatial_shape"
 TINY = {
     "kits": {"preset": "tiny", SHAPE: [32, 32, 32]},
     "retina": {"model_config#sam": "tiny", "model_config#image_size": 64, SHAPE: [48, 40]},
+    "echo": {"model_preset": "tiny", SHAPE: [48, 40]},
 }
 
 

@@ -132,7 +132,7 @@ class CentreClickNetwork(torch.nn.Module):
             centre = torch.tensor(
                 [(s - 1) / 2 for s in image.shape[2:]], dtype=torch.float32, device=image.device
             )
-            points = centre.expand(b, 1, 3).contiguous()
+            points = centre.expand(b, 1, image.ndim - 2).contiguous()  # 3D or 2D
             point_labels = torch.ones(b, 1, dtype=torch.long, device=image.device)
         return self.network(image, points=points, point_labels=point_labels)
 
