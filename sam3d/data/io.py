@@ -97,8 +97,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The temporary name keeps the target's suffix (``.nii.gz``, ``.png``) so writers
     that pick a format from the name work. On any error the temporary file is removed
-    and nothing is left at ``path``.
+    and nothing is left at ``path``. A ``path`` that is itself one of these temporaries
+    (a writer called by :func:`commit_outputs`) is written in place.
     """
+    path = Path(path)
+    if TEMP_MARK in path.name:
+        write(path)
+        return path
     return commit_outputs({path: write})[0]
 
 
