@@ -187,18 +187,22 @@ def captured_library_logs() -> Iterator[list[str]]:
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    lib = logging.getLogger("nibabel")
-    handler, propagate = _Collect(), lib.propagate
-    lib.addHandler(handler)
-    lib.propagate = False
+    # nibabel logs header fixes to "nibabel.global", which has its own stderr handler
+    loggers = [logging.getLogger(n) for n in ("nibabel", "nibabel.global")]
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in loggers]
+    handler = _Collect()
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield messages
         messages.extend(str(w.message) for w in caught)
     finally:
-        lib.removeHandler(handler)
-        lib.propagate = propagate
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
         for m in messages:
             logging.getLogger("sam3d.data").debug(m)
 
@@ -230,7 +234,7 @@ def _raw_nifti_header(path: Path):
     import nibabel as nib
     from nibabel.openers import ImageOpener
 
-    with ImageOpener(str(path)) as f:
+    with ImageOpener(str(path)) as f, captured_library_logs():
         head = f.read(4)
         f.seek(0)
         two = 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
@@ -339,6 +343,15 @@ def _check_geometry(path: Path, affine) -> None:
             raise Sam3DError(
                 f"{path} has no valid voxel geometry in its header (voxel size {sizes} mm)"
             )
+        check_voxel_sizes(path, a)
+    # MONAI rebuilds the affine from pixdim when the two disagree; the mask is written with
+    # the header's own affine, so such a header would be processed on another grid
+    if len(affines) == 2 and not np.allclose(affines[0], affines[1], atol=AFFINE_TOLERANCE_MM):
+        sizes = [", ".join(f"{v:.3g}" for v in spacing_from_affine(a)) for a in affines]
+        raise Sam3DError(
+            f"{path} has an inconsistent header: pixdim gives voxel size ({sizes[0]}) mm, "
+            f"the sform/qform ({sizes[1]}) mm; fix the header"
+        )
 
 
 def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
@@ -378,7 +391,10 @@ def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
         with captured_library_logs():
             img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(path))
     except Exception as e:  # nibabel / zlib / MONAI raise many types for a bad file
-        raise Sam3DError(f"cannot read {path} as an image: {_describe(e)}") from None
+        why = _describe(e)
+        if nifti and "cannot find a suitable reader" in str(e):
+            why = "its NIfTI header is invalid (the file is corrupt, or not NIfTI)"
+        raise Sam3DError(f"cannot read {path} as an image: {why}") from None
     shape = tuple(img.shape)
     if require_3d:
         if img.ndim != 4:
@@ -394,7 +410,6 @@ def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
         raise Sam3DError(f"{path} is empty (shape {shape[1:]})")
     if img.ndim == 4:
         _check_geometry(path, img.affine)
-        check_voxel_sizes(path, img.affine)
     finite = img.isfinite()
     if not bool(finite.all()):
         n_bad = int((~finite).sum())

@@ -10,14 +10,16 @@ from typing import Any
 
 import torch
 
-from sam3d.data.io import commit_outputs
+from sam3d.data.io import commit_outputs, load_image
 from sam3d.errors import Sam3DError
 from sam3d.inference.session import ClickSession, load_model_for_inference, resolve_dataset
 from sam3d.inference.windows import WindowGrowth
 
-# A CT in Hounsfield units has air (about -1000 HU) around the body; an image whose
-# lowest value is above this is not CT in HU, and a CT window would saturate it.
-CT_AIR_BELOW_HU = -200.0
+# A CT in Hounsfield units has air (about -1000 HU) around the body or in the lungs and
+# bowel; an image with (almost) no voxel at or below CT_AIR_HU is not CT in HU, and a CT
+# window would saturate it.
+CT_AIR_HU = -500.0
+CT_MIN_AIR_FRACTION = 0.005
 NAME_MAX = 255  # bytes of one file name on Linux, macOS and Windows file systems
 
 
@@ -60,6 +62,7 @@ def segment_file(
     if not Path(image).is_file():
         raise Sam3DError(f"image not found: {image}")
     preset = resolve_dataset(dataset) if dataset is not None else None
+    volume = load_image(image)  # a bad image is refused before a large checkpoint is read
     model, meta = load_model_for_inference(checkpoint, device)
     if preset is None:
         if not isinstance(meta.get("dataset"), Mapping | str):
@@ -68,7 +71,7 @@ def segment_file(
                 "(--dataset NAME gives one)"
             )
         preset = resolve_dataset(meta["dataset"])
-    session = ClickSession(model, image, preset, device=device, growth=growth)
+    session = ClickSession(model, volume, preset, device=device, growth=growth, source=image)
     if clicks or negatives:
         points = [*clicks, *negatives]
         labels = [1] * len(clicks) + [0] * len(negatives)
@@ -93,12 +96,14 @@ def intensity_note(session: ClickSession) -> tuple[str, str | None]:
     note = f"intensity preset {ds.get('name', '?')!r}: window {lo:g}..{hi:g} HU"
     img = session.original_image
     vmin, vmax = float(img.min()), float(img.max())
+    air = float((img <= CT_AIR_HU).float().mean())
     warning = None
-    if str(ds.get("modality", "CT")).upper() == "CT" and vmin > CT_AIR_BELOW_HU:
+    if str(ds.get("modality", "CT")).upper() == "CT" and air < CT_MIN_AIR_FRACTION:
         warning = (
-            f"the image's intensities ({vmin:.4g}..{vmax:.4g}) do not look like CT in HU "
-            f"(no air below {CT_AIR_BELOW_HU:g}); the {lo:g}..{hi:g} HU window of preset "
-            f"{ds.get('name', '?')!r} may saturate it; pass --dataset for another preset"
+            f"the image's intensities ({vmin:.4g}..{vmax:.4g}, {100 * air:.2g}% of voxels at "
+            f"or below {CT_AIR_HU:g}) do not look like CT in HU, which has air around the "
+            f"body; the {lo:g}..{hi:g} HU window of preset {ds.get('name', '?')!r} may "
+            "saturate it; pass --dataset for another preset"
         )
     return note, warning
 
@@ -109,7 +114,7 @@ def same_file(a: Path, b: Path) -> bool:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
         return a.resolve() == b.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         return False
 
 

@@ -131,6 +131,8 @@ class ClickSession:
         roi: window size in grid voxels; default ``model.crop_size``.
         amp: bfloat16 autocast on CUDA.
         threshold: probability above which a voxel is tumour.
+        source: the file a pre-loaded MetaTensor ``image`` was read from (saved masks copy
+            its header, as for a path).
     """
 
     def __init__(
@@ -144,12 +146,13 @@ class ClickSession:
         roi: int | Sequence[int] | None = None,
         amp: bool = True,
         threshold: float = 0.5,
+        source: str | os.PathLike | None = None,
     ) -> None:
         self.device = default_device(device)
         self.dataset = resolve_dataset(dataset)
         self.model = model
         self.threshold = threshold
-        self.source = image if isinstance(image, (str, os.PathLike)) else None
+        self.source = image if isinstance(image, (str, os.PathLike)) else source
         grid_spacing = spacing_mm if spacing_mm is not None else self.dataset.get("spacing_mm", 1.0)
         loaded = LoadVolumed("image", grid_spacing_mm=grid_spacing)({"image": image})
         original = loaded["image"]
