@@ -909,6 +909,7 @@ SUBPROCESS_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_a_sample_through_the_real_sam3d_command(checkpoints, tmp_path):
     """The installed console script, in a subprocess, with this checkout on the path."""
     exe = Path(sys.executable).parent / "sam3d"

@@ -330,12 +330,16 @@ class MLflowRunHandler(MLFlowHandler):
         self.run.record(flatten_dict(metrics), step or 0)
 
     def complete(self) -> None:
-        if self.run.enabled:
+        # a training's metrics go out after last.pt (TrainingCheckpoint), not when its
+        # evaluator completes a validation; the end of training flushes in close()
+        if self.run.enabled and not self.run.deferred:
             self.run.flush(force=True)
         if self.cur_run is not None:
             self.run.guard("logging artifacts", super().complete, force=True)
 
     def close(self) -> None:
+        if self.run.enabled:
+            self.run.flush(force=True)
         if self.cur_run is not None:
             self.run.guard("closing the run", super().close, force=True)
             self.cur_run = None
