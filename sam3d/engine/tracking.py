@@ -106,6 +106,9 @@ class MLflowRun:
         """
         if self.offline and not force:
             return False, None
+        pool = logging.getLogger("urllib3.connectionpool")  # one line per retry otherwise
+        level = pool.level
+        pool.setLevel(logging.ERROR)
         try:
             result = fn(*args, **kw)
         except Exception as e:  # MlflowException, connection errors, HTTP errors
@@ -119,6 +122,8 @@ class MLflowRun:
                 )
             self._outage = what
             return False, None
+        finally:
+            pool.setLevel(level)
         if self._outage is not None:
             logger.warning(f"mlflow: {self.tracking_uri} answers again")
             self._outage = None
@@ -334,7 +339,7 @@ class MLflowRunHandler(MLFlowHandler):
         # evaluator completes a validation; the end of training flushes in close()
         if self.run.enabled and not self.run.deferred:
             self.run.flush(force=True)
-        if self.cur_run is not None:
+        if self.cur_run is not None and self.artifacts:
             self.run.guard("logging artifacts", super().complete, force=True)
 
     def close(self) -> None:
