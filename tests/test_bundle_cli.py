@@ -39,7 +39,7 @@ def _user_error(proc: subprocess.CompletedProcess) -> str:
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
-    errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
+    errors = [ln for ln in text.splitlines() if "error:" in ln.lower() or " ERROR " in ln]
     assert len(errors) == 1, errors
     return errors[0]
 
@@ -110,7 +110,14 @@ def small_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["image_4d", "checkpoint_pickled", "checkpoint_malformed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "image_4d",
+        pytest.param("checkpoint_pickled", marks=pytest.mark.slow),
+        pytest.param("checkpoint_malformed", marks=pytest.mark.slow),
+    ],
+)
 def test_inference_bundle_errors_are_one_message_exit_2(tmp_path, small_checkpoint, case):
     image, ckpt = tmp_path / "case.nii.gz", small_checkpoint
     shape = (16, 16, 8, 3) if case == "image_4d" else (16, 16, 8)

@@ -33,7 +33,7 @@ class _DropUserErrorLogs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
             return find_user_error(record.exc_info[1]) is None
-        return not str(record.msg).startswith("Engine run is terminating due to exception")
+        return "run is terminating due to exception" not in str(record.msg)  # ignite's line
 
 
 def checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -124,9 +124,6 @@ class MLflowRun:
             return False, None
         finally:
             pool.setLevel(level)
-        if self._outage is not None:
-            logger.warning(f"mlflow: {self.tracking_uri} answers again")
-            self._outage = None
         return True, result
 
     def record(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -172,7 +169,11 @@ class MLflowRun:
         """Send every pending metric; True when none is left. Never raises."""
         if not self.enabled or not self.pending:
             return True
+        n = len(self.pending)
         ok, _ = self.guard("sending metrics", self._send_pending, force=force)
+        if ok and self._outage is not None:  # metrics reached the server: the outage is over
+            logger.warning(f"mlflow: {self.tracking_uri} answers again; sent {n} kept metrics")
+            self._outage = None
         return ok
 
     def _send_pending(self) -> None:
