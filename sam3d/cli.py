@@ -162,6 +162,21 @@ def _cmd_segment_batch(args: argparse.Namespace) -> None:
         raise Sam3DError(f"{len(report.failed)} case(s) failed")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from sam3d.serve.server import run_server
+
+    run_server(
+        args.image,
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        growth=_growth(args),
+        max_upload_mb=args.max_upload_mb,
+        max_memory_gb=args.max_memory_gb,
+    )
+
+
 def _add_growth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument(
@@ -171,7 +186,7 @@ def _add_growth_args(p: argparse.ArgumentParser) -> None:
         "--max-extent-mm",
         type=float,
         default=384.0,
-        help="largest extent the windows may grow to along any axis",
+        help="largest extent (mm) the windows may grow to along any axis",
     )
 
 
@@ -258,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--previews", action="store_true", help="a PNG beside every mask")
     _add_growth_args(p)
     p.set_defaults(func=_cmd_segment_batch)
+
+    p = sub.add_parser("serve", help="a local web viewer: click on the tumour, see the 3D mask")
+    p.add_argument("image", type=Path, nargs="*", help="NIfTI volumes the page may open")
+    p.add_argument("--checkpoint", type=Path, help="trained sam3d model.pt (default: the demo's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
+    p.add_argument(
+        "--max-memory-gb", type=float, default=8.0, help="memory for open images and features"
+    )
+    _add_growth_args(p)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -38,8 +38,11 @@ def test_matches_scipy_in_pixels_and_mm(seed):
     pt, gt = torch.from_numpy(p), torch.from_numpy(g)
     for tol in (1.0, 2.0):
         assert abs(float(compute_bf_score(pt, gt, tol)) - bf_scipy(p, g, tol)) < 1e-9
+        assert float(compute_bf_score(pt, gt, tolerance_px=tol)) == float(
+            compute_bf_score(pt, gt, tolerance_mm=tol, spacing_mm=[1.0] * len(shape))
+        )
     spacing = [0.5, 1.5, 2.0][: len(shape)]
-    got = float(compute_bf_score(pt, gt, 1.5, spacing_mm=spacing))
+    got = float(compute_bf_score(pt, gt, tolerance_mm=1.5, spacing_mm=spacing))
     assert abs(got - bf_scipy(p, g, 1.5, spacing)) < 1e-9
 
 
@@ -60,8 +63,35 @@ def test_metric_class():
     rng = np.random.default_rng(7)
     p = np.stack([blob(rng, (32, 32)) for _ in range(2)])
     g = np.stack([blob(rng, (32, 32)) for _ in range(2)])
-    metric = BoundaryF1Metric(tolerance=1.0)
+    metric = BoundaryF1Metric(tolerance_px=1.0)
     vals = metric(torch.from_numpy(p[:, None]).float(), torch.from_numpy(g[:, None]).float())
     assert vals.shape == (2, 1)
     for i in range(2):
         assert abs(float(vals[i, 0]) - bf_scipy(p[i], g[i], 1.0)) < 1e-6
+
+
+def test_units_say_what_they_are():
+    # a 2 px shift on a 0.5 mm grid: 1 mm away, so within 1 mm but not within 1 px
+    g = np.zeros((16, 16), bool)
+    g[4:12, 4:12] = True
+    gt, shifted = torch.from_numpy(g), torch.from_numpy(np.roll(g, 2, axis=1))
+    assert float(compute_bf_score(shifted, gt, tolerance_mm=1.0, spacing_mm=0.5)) == 1.0
+    assert float(compute_bf_score(shifted, gt, tolerance_px=1.0)) < 1.0
+    assert float(compute_bf_score(shifted, gt, tolerance_px=2.0)) == 1.0
+
+
+def test_misuse_raises_value_error():
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not both"):
+        compute_bf_score(a, a, 1.0, tolerance_mm=1.0, spacing_mm=[1, 1])
+    with pytest.raises(ValueError, match="needs spacing_mm"):
+        compute_bf_score(a, a, tolerance_mm=1.0)
+    with pytest.raises(ValueError, match="only used with tolerance_mm"):
+        compute_bf_score(a, a, 1.0, spacing_mm=[1, 1])
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            compute_bf_score(a, a, bad)
+    with pytest.raises(ValueError, match="shapes differ"):
+        compute_bf_score(a, a[:4])
+    with pytest.raises(ValueError, match="needs spacing_mm"):
+        BoundaryF1Metric(tolerance_mm=1.0)

@@ -57,12 +57,27 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, message):
         load_sam_state_dict(p)
 
 
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``open(marker, "w")``: it creates the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_pickled_code_is_refused(tmp_path):
-    # weights_only=True must refuse arbitrary objects rather than execute them.
+    # weights_only=True must refuse arbitrary objects rather than execute them
+    marker = tmp_path / "code_ran"
     p = tmp_path / "evil.pth"
-    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": Sam3DError("boom")}, p)
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": _RunsCodeWhenUnpickled(marker)}, p)
     with pytest.raises(Sam3DError):
         load_sam_state_dict(p)
+    assert not marker.exists()
+    # the control: a full unpickle of the same file does run the code
+    torch.load(p, weights_only=False)
+    assert marker.exists()
 
 
 # --- 2D -> 3D mapping into Sam3D -------------------------------------------------------

@@ -184,6 +184,22 @@ def test_window_growth_stops_at_the_configured_extent():
     assert windows[:, 0].max() + 16 - windows[:, 0].min() <= 32
 
 
+def test_window_growth_extent_is_in_mm_on_a_coarser_grid():
+    # a 60 mm bar on a 2 mm grid: 8-voxel windows are 16 mm, the limit 32 mm = 16 voxels
+    bar = (slice(2, 62), slice(10, 14), slice(10, 14))
+    image, truth = _volume((64, 24, 24), [bar])
+    growth = WindowGrowth(max_extent_mm=32)
+    session = ClickSession(
+        BrightComponentModel(8), image, KITS, device="cpu", growth=growth, spacing_mm=2.0
+    )
+    assert session.predictor.spacing_mm == (2.0, 2.0, 2.0)
+    mask = session.click((30, 12, 12)).numpy()
+    extent_mm = np.ptp(np.nonzero(mask.any((1, 2)))[0]) + 1  # original voxels are 1 mm
+    assert 16 < extent_mm <= 32 + 2  # (+ one grid voxel of interpolation at the ends)
+    windows = np.array(session.windows)
+    assert (windows[:, 0].max() + 8 - windows[:, 0].min()) * 2.0 <= 32
+
+
 def test_each_clicked_lesion_grows_within_its_own_extent():
     # two 36 mm bars 16 mm apart; the limit (48 mm) applies to each seed's windows
     a = (slice(4, 40), slice(10, 14), slice(10, 14))
@@ -265,3 +281,46 @@ def test_cuda_session_matches_the_cpu(tmp_path, tiny, trained_tiny_sam3d_checkpo
     torch.testing.assert_close(cpu.prob_grid, gpu.prob_grid.cpu(), atol=1e-3, rtol=0)
     gpu.click((14, 12, 6), positive=False)
     assert gpu.encode_calls == 1
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique"])
+@pytest.mark.parametrize("where", ["inside", "at the edge"])
+def test_region_inversion_equals_the_full_invertd(orientation, where):
+    """Resampling only the decoded windows' box gives what Invertd gives for the whole map."""
+    from sam3d.data.phantoms.common import make_affine
+    from sam3d.inference.grid import invert_region_to_original, invert_to_original, preprocessing
+
+    rng = np.random.default_rng(1)
+    shape = (30, 26, 14)
+    affine = make_affine((1.3, 0.9, 2.5), shape, orientation, np.zeros(3), rng)
+    image = MetaTensor(
+        torch.as_tensor(rng.normal(0, 50, shape), dtype=torch.float32)[None],
+        affine=torch.as_tensor(affine),
+    )
+    chain = preprocessing(KITS)
+    grid = chain({"image": image})["image"]
+    gshape = grid.shape[1:]
+    lo = [0, 0, 0] if where == "at the edge" else [s // 4 for s in gshape]
+    hi = [s // 2 + 3 for s in gshape]
+    prob = torch.zeros(gshape)
+    prob[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = torch.rand(
+        *[h - l for l, h in zip(lo, hi)], generator=torch.Generator().manual_seed(0)
+    )
+    full = invert_to_original(prob, grid, chain)
+    crop, olo, ohi = invert_region_to_original(prob, grid.affine, affine, shape, lo, hi)
+    region = full[olo[0] : ohi[0], olo[1] : ohi[1], olo[2] : ohi[2]]
+    torch.testing.assert_close(crop, region, atol=1e-5, rtol=0)
+    outside = full.clone()
+    outside[olo[0] : ohi[0], olo[1] : ohi[1], olo[2] : ohi[2]] = 0
+    assert float(outside.abs().max()) < 1e-6  # nothing of the map falls outside the box
+    assert 0 < crop.numel() < full.numel()
+
+
+def test_session_mask_equals_thresholded_full_inversion():
+    from sam3d.inference.grid import invert_to_original
+
+    img, _ = _volume((40, 30, 20), [np.s_[5:12, 6:14, 4:9], np.s_[25:33, 18:26, 10:16]])
+    s = ClickSession(BrightComponentModel(), img, KITS, device="cpu", growth=NO_GROWTH)
+    mask = s.click((8, 9, 6))
+    full = invert_to_original(s.prob_grid, s.grid_image, s.transform) > s.threshold
+    assert torch.equal(mask, full) and int(mask.sum()) > 0

@@ -11,7 +11,7 @@ def test_shipped_presets_are_listed_and_read():
     assert set(preset_names("datasets")) == {"kits", "lits", "pancreas", "colon"}
     kits = read_preset("datasets", "kits")
     assert kits == json.loads((CONFIG_DIR / "datasets" / "kits.json").read_text())
-    # REFERENCE.md section 1: KiTS21 window [-54, 247], mean/SD 59.54 / 55.46, tumour label 2.
+    # docs/REFERENCES.md section 1: KiTS21 window [-54, 247], mean/SD 59.54 / 55.46, tumour label 2.
     assert kits["window_hu"] == [-54, 247] and kits["tumour_label"] == 2
     assert (kits["mean"], kits["std"]) == (59.54, 55.46)
 

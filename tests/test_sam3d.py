@@ -1,3 +1,6 @@
+import fnmatch
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_SAM, requires_cuda
@@ -49,13 +52,19 @@ def test_sides_not_multiple_of_the_token_are_refused(tiny):
         tiny.encode(torch.randn(1, 1, 30, 32, 32))
 
 
-def test_encode_once_prompt_many_equals_forward(tiny):
+def test_decoding_leaves_the_cached_features_unchanged(tiny):
+    # encode once, prompt many: decoding neither changes the features nor keeps state
     x = torch.randn(1, 1, 32, 32, 32)
+    a, b = _clicks((4.0, 5.0, 6.0)), _clicks((20.0, 3.0, 11.0), (7.0, 7.0, 7.0))
     with torch.no_grad():
         feats = tiny.encode(x)
-        for pts in [((4.0, 5.0, 6.0),), ((20.0, 3.0, 11.0), (7.0, 7.0, 7.0))]:
-            p, lab = _clicks(*pts)
-            torch.testing.assert_close(tiny.decode(feats, p, lab), tiny(x, p, lab))
+        before = (feats.prompt_map.clone(), feats.context.clone())
+        first = tiny.decode(feats, *a)
+        other = tiny.decode(feats, *b)
+        again = tiny.decode(feats, *a)
+    assert torch.equal(feats.prompt_map, before[0]) and torch.equal(feats.context, before[1])
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-4
 
 
 def test_features_of_one_item_can_be_selected_and_moved(tiny):
@@ -145,7 +154,7 @@ def test_vit_b_parameter_count_matches_the_reference():
         name: count_parameters(getattr(model, name))["trainable"]
         for name in ("encoder", "prompt_encoder", "decoder")
     }
-    # REFERENCE.md: encoder 15.21M, prompt encoder 3.16M, decoder 7.09M trainable
+    # docs/REFERENCES.md section 1: encoder 15.21M, prompt encoder 3.16M, decoder 7.09M trainable
     for name, ref in (("encoder", 15.21e6), ("prompt_encoder", 3.16e6), ("decoder", 7.09e6)):
         assert abs(parts[name] - ref) < 0.05 * ref, (name, parts[name])
     # SAM ViT-B's image encoder without its 2D neck (~85.7M) is in the model, frozen or not
@@ -167,14 +176,24 @@ def test_unknown_presets_and_options_give_clear_errors():
         build_sam3d("tiny", windowsize=3)
 
 
-def test_checkpoint_round_trip(tiny, tmp_path):
+def test_checkpoint_round_trip(tiny, tmp_path, monkeypatch):
     path = save_sam3d_checkpoint(
         tiny,
         tmp_path / "models" / "model.pt",
         meta={"epoch": 3},
         dataset={"name": "kits", "window_hu": [-54, 247]},
     )
-    assert not list(path.parent.glob("*.tmp"))
+    # atomic_write's temporary file is ".model.pt.<random>.pt" beside the target
+    names = []
+    real_save = torch.save
+    monkeypatch.setattr(
+        torch, "save", lambda obj, f: names.append(Path(f).name) or real_save(obj, f)
+    )
+    save_sam3d_checkpoint(
+        tiny, path, meta={"epoch": 3}, dataset={"name": "kits", "window_hu": [-54, 247]}
+    )
+    assert len(names) == 1 and fnmatch.fnmatch(names[0], ".model.pt.*")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # dotfiles included
     model, meta = load_sam3d_checkpoint(path)
     assert meta == {"epoch": 3, "dataset": {"name": "kits", "window_hu": [-54, 247]}}
     assert model.preset == tiny.preset and not model.training

@@ -137,21 +137,30 @@ def test_ties_exactly_at_tolerance():
 
 
 def test_empty_masks():
+    # our conventions, and the reference's value wherever it defines one
     gt = np.zeros((10, 10, 10), bool)
     gt[2:5, 2:5, 2:5] = True
     empty = np.zeros_like(gt)
     spacing = (1.0, 1.0, 2.0)
-    p, g, e = torch.from_numpy(gt), torch.from_numpy(gt), torch.from_numpy(empty)
+    g, e = torch.from_numpy(gt), torch.from_numpy(empty)
+    for pred, ref in ((e, g), (g, e), (e, e)):
+        dist = sd.compute_surface_distances(ref.numpy(), pred.numpy(), spacing)
+        nsd = float(compute_surface_dice(pred, ref, spacing, 1.0))
+        ref_nsd = sd.compute_surface_dice_at_tolerance(dist, 1.0)
+        assert nsd == ref_nsd or (math.isnan(nsd) and math.isnan(ref_nsd))
+        assert float(compute_hd95(pred, ref, spacing)) == sd.compute_robust_hausdorff(dist, 95)
+        np.testing.assert_array_equal(  # NaN == NaN for assert_array_equal
+            compute_assd(pred, ref, spacing, directed=True).numpy(),
+            np.array(sd.compute_average_surface_distance(dist)),
+        )
     assert float(compute_surface_dice(e, g, spacing, 1.0)) == 0.0  # empty prediction
-    assert float(compute_surface_dice(p, e, spacing, 1.0)) == 0.0  # empty reference
     assert math.isnan(float(compute_surface_dice(e, e, spacing, 1.0)))  # 0/0
-    # the reference agrees where it is defined
-    assert reference(gt, empty, spacing, 1.0)[0] == 0.0
-    assert math.isinf(float(compute_hd95(e, g, spacing)))
-    assert math.isinf(float(compute_hd95(p, e, spacing)))
-    assert math.isinf(reference(gt, empty, spacing, 1.0)[1])
+    assert math.isinf(float(compute_hd95(e, e, spacing)))  # as the reference, not NaN
+    assert compute_assd(e, g, spacing, directed=True).tolist()[0] == math.inf
+    assert math.isnan(compute_assd(e, g, spacing, directed=True).tolist()[1])
+    # the symmetric ASSD counts a miss as inf (MONAI's convention), both empty NaN
     assert math.isinf(float(compute_assd(e, g, spacing)))
-    assert math.isnan(float(compute_hd95(e, e, spacing)))
+    assert math.isinf(float(compute_assd(g, e, spacing)))
     assert math.isnan(float(compute_assd(e, e, spacing)))
 
 
@@ -184,25 +193,41 @@ def test_batched_multiclass_per_class_tolerance_and_spacing():
             )
 
 
-def test_user_errors_are_clear():
-    from sam3d.errors import Sam3DError
-
+def test_api_misuse_raises_value_error():
     a = torch.zeros(6, 6, 6, dtype=torch.bool)
-    with pytest.raises(Sam3DError, match="shapes differ"):
+    a[2:4, 2:4, 2:4] = True
+    with pytest.raises(ValueError, match="shapes differ"):
         compute_surface_dice(a, a[:5], (1, 1, 1), 1.0)
+    with pytest.raises(ValueError, match="Only 2D and 3D"):
+        compute_hd95(a[None, None], a[None, None], (1, 1, 1, 1, 1))
     labels = torch.zeros(6, 6, 6)
     labels[1:3, 1:3, 1:3] = 2  # a label map, not a mask
-    with pytest.raises(Sam3DError, match="binary"):
+    with pytest.raises(ValueError, match="binary"):
         compute_surface_dice(labels, labels, (1, 1, 1), 1.0)
-    with pytest.raises(Sam3DError, match="positive"):
+    with pytest.raises(ValueError, match="positive"):
         compute_surface_dice(a, a, (1, 0, 1), 1.0)
-    with pytest.raises(Sam3DError, match="one per class"):
+    with pytest.raises(ValueError, match="one per class"):
         compute_surface_dice(
             a[None, None].expand(1, 2, 6, 6, 6),
             a[None, None].expand(1, 2, 6, 6, 6),
             (1, 1, 1),
             [1.0, 2.0, 3.0],
         )
+    for bad in (-1.0, math.inf, math.nan, [1.0, -0.5]):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            compute_surface_dice(a, a, (1, 1, 1), bad)
+    with pytest.raises(TypeError, match="tolerance_mm"):
+        compute_surface_dice(a, a, (1, 1, 1), "1mm")
+    for bad in (-1.0, 100.5, math.nan):
+        with pytest.raises(ValueError, match="percent"):
+            compute_hd95(a, a, (1, 1, 1), percent=bad)
+    with pytest.raises(TypeError, match="pred"):
+        compute_assd([[0, 1]], [[0, 1]], (1, 1))
+    assert float(compute_surface_dice(a, a, (1, 1, 1), 0.0)) == 1.0  # zero is a tolerance
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        SurfaceDiceMetric(tolerance_mm=-2.0)
+    with pytest.raises(ValueError, match="percent"):
+        HausdorffDistance95Metric(percent=120)
 
 
 def test_accepts_0_1_float_masks():

@@ -40,7 +40,7 @@ AFFINE_TOLERANCE_MM = 1e-3
 # Read once at import: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # longest first, for stripping
 # Formats nibabel reads that sam3d does not (the mask is written with the input's NIfTI
 # header): named, so they are never called corrupt.
 OTHER_FORMATS = {
@@ -162,8 +162,22 @@ def obliquity_deg(affine) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    """True for a ``.nii`` / ``.nii.gz`` file name (any case)."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without its ``.nii`` / ``.nii.gz`` suffix."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+    return is_nifti_name(path)
 
 
 def _other_format(path: Path) -> str | None:

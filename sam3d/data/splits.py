@@ -111,3 +111,10 @@ def check_disjoint(splits: dict[str, list[Any]], source: str = "the dataset") ->
             if name in seen and seen[name] != split:
                 raise Sam3DError(f"{source}: {name} is in both {seen[name]} and {split}")
             seen[name] = split
+
+
+def case_names(cases: Sequence[Any], limit: int = 480) -> str:
+    """The cases' file names, comma-separated and cut to ``limit`` characters (an MLflow
+    parameter value holds at most 500)."""
+    names = ", ".join(_case_key(c).replace("\\", "/").rsplit("/", 1)[-1] for c in cases)
+    return names if len(names) <= limit else names[: limit - 3] + "..."

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sam3d.data.io import commit_outputs, leftover_temporaries
+from sam3d.data.io import commit_outputs, is_nifti_name, leftover_temporaries, nifti_stem
 from sam3d.errors import Sam3DError, find_user_error
 from sam3d.inference.session import ClickSession
 from sam3d.inference.windows import WindowGrowth
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DATALIST_KEYS = ("test", "testing", "validation", "training")
 
 
@@ -38,7 +37,7 @@ def list_cases(source: str | os.PathLike, key: str | None = None) -> list[dict[s
     """
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        files = sorted(p for p in src.iterdir() if is_nifti_name(p))
         if not files:
             raise Sam3DError(f"no .nii or .nii.gz images in {src}")
         return [{"image": str(p)} for p in files]
@@ -68,11 +67,7 @@ def list_cases(source: str | os.PathLike, key: str | None = None) -> list[dict[s
 
 def output_path(case: Mapping[str, Any], out_dir: str | os.PathLike, postfix: str = "seg") -> Path:
     """``out_dir/<image name without .nii[.gz]>_<postfix>.nii.gz`` (SaveImaged's naming)."""
-    name = Path(str(case["image"])).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = nifti_stem(str(case["image"]))
     return Path(out_dir) / f"{name}_{postfix}.nii.gz"
 
 

@@ -19,6 +19,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
 from sam3d.inference.auto import sliding_window_probability
+from sam3d.inference.grid import grid_spacing_mm
 from sam3d.inference.windows import WindowGrowth, WindowPredictor, roi_tuple, select_seed_windows
 
 
@@ -88,7 +89,14 @@ class ClickInferer(Inferer):
                 else torch.as_tensor(point_labels[b]).long().cpu()
             )
             if bool((labels >= 0).any()):
-                predictor = WindowPredictor(network, volume, roi, growth=self.growth, amp=self.amp)
+                predictor = WindowPredictor(
+                    network,
+                    volume,
+                    roi,
+                    growth=self.growth,
+                    amp=self.amp,
+                    spacing_mm=grid_spacing_mm(inputs[b]),
+                )
                 seeds = select_seed_windows(
                     pts[labels == 1], roi, predictor.shape, centre_on_all=True
                 )

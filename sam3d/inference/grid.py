@@ -128,6 +128,15 @@ def original_to_grid(
     return (world_mm @ np.linalg.inv(_as_affine(grid_affine)).T)[:, :3]
 
 
+def grid_spacing_mm(image: Any) -> tuple[float, float, float]:
+    """Voxel spacing (mm, 3 values) from a MetaTensor's affine; 1 mm for a plain tensor."""
+    if not isinstance(image, MetaTensor):
+        return (DEFAULT_SPACING_MM,) * 3
+    a = _as_affine(image.affine)
+    a = a[0] if a.ndim == 3 else a  # a batch of one
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
+
+
 def world_to_original(points_world: np.ndarray, original_affine: Any) -> np.ndarray:
     """RAS mm ``N x 3`` -> original voxel coordinates ``N x 3``."""
     p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
@@ -214,6 +223,67 @@ def invert_to_original(
     )
     out = inv({"pred": pred, "image": image})["pred"]
     return out[0].as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)[0]
+
+
+def invert_region_to_original(
+    prob_grid: torch.Tensor,
+    grid_affine: Any,
+    original_affine: Any,
+    original_shape: Sequence[int],
+    grid_lo: Sequence[int],
+    grid_hi: Sequence[int],
+) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """Resample only the region ``grid_lo:grid_hi`` of a grid map back to the original grid.
+
+    The same resampling as :func:`invert_to_original` (bilinear, ``align_corners=False``,
+    border padding at the grid's edges), for maps that are zero outside the region (the
+    decoded windows): a further click then costs the region, not the whole volume.
+
+    Args:
+        prob_grid: ``H x W x D`` map on the grid, zero outside ``grid_lo:grid_hi``.
+        grid_affine / original_affine: voxel -> RAS mm of the grid and of the original image.
+        original_shape: ``(I, J, K)``.
+        grid_lo, grid_hi: the region in grid voxels (half-open).
+
+    Returns:
+        ``(crop, lo, hi)``: the map on original voxels ``lo:hi`` (half-open); zero elsewhere.
+    """
+    from monai.transforms import SpatialResample
+
+    shape = prob_grid.shape
+    # one voxel of the zeros around the region, except where the region meets the grid's
+    # edge: there "border" padding repeats the edge as the full inversion does
+    glo = [max(0, int(v) - 1) for v in grid_lo]
+    ghi = [min(int(n), int(v) + 1) for v, n in zip(grid_hi, shape)]
+    if any(h <= lo_ for lo_, h in zip(glo, ghi)):
+        return torch.zeros(0, 0, 0, device=prob_grid.device), (0, 0, 0), (0, 0, 0)
+    a_grid, a_orig = _as_affine(grid_affine), _as_affine(original_affine)
+    corners = np.array(
+        [
+            [glo[0] if a else ghi[0] - 1, glo[1] if b else ghi[1] - 1, glo[2] if c else ghi[2] - 1]
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ],
+        dtype=np.float64,
+    )
+    vox = world_to_original(np.concatenate([corners, np.ones((8, 1))], 1) @ a_grid.T[:, :3], a_orig)
+    lo = tuple(int(max(0, np.floor(vox[:, a].min()) - 1)) for a in range(3))
+    hi = tuple(int(min(original_shape[a], np.ceil(vox[:, a].max()) + 2)) for a in range(3))
+    if any(h <= lo_ for lo_, h in zip(lo, hi)):
+        return torch.zeros(0, 0, 0, device=prob_grid.device), (0, 0, 0), (0, 0, 0)
+    shift = np.eye(4)
+    shift[:3, 3] = glo
+    crop = prob_grid[glo[0] : ghi[0], glo[1] : ghi[1], glo[2] : ghi[2]].float()
+    src = MetaTensor(crop[None], affine=torch.as_tensor(a_grid @ shift))
+    dst = np.eye(4)
+    dst[:3, 3] = lo
+    out = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False)(
+        src,
+        dst_affine=torch.as_tensor(a_orig @ dst),
+        spatial_size=tuple(h - lo_ for lo_, h in zip(lo, hi)),
+    )
+    return torch.as_tensor(out)[0], lo, hi
 
 
 def save_mask(

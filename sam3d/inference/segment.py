@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sam3d.data.io import commit_outputs, load_image
+from sam3d.data.io import commit_outputs, is_nifti_name, load_image
 from sam3d.errors import Sam3DError
 from sam3d.inference.session import ClickSession, load_model_for_inference, resolve_dataset
 from sam3d.inference.windows import WindowGrowth
@@ -46,7 +46,7 @@ def segment_file(
     written together or not at all.
     """
     out = Path(out)
-    if not out.name.endswith((".nii.gz", ".nii")):
+    if not is_nifti_name(out):
         raise Sam3DError(f"the output must be a .nii.gz or .nii file, got {out}")
     if preview is not None and Path(preview).suffix.lower() != ".png":
         raise Sam3DError(f"the preview must be a .png file, got {preview}")

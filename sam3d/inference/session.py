@@ -27,6 +27,8 @@ from sam3d.errors import Sam3DError
 from sam3d.inference.grid import (
     LoadVolumed,
     check_points_inside,
+    grid_spacing_mm,
+    invert_region_to_original,
     invert_to_original,
     original_to_grid,
     preprocessing,
@@ -163,7 +165,12 @@ class ClickSession:
         self.grid_image: MetaTensor = self.transform(loaded)["image"]
         roi = roi if roi is not None else model.crop_size
         self.predictor = WindowPredictor(
-            model, self.grid_image.as_tensor(), roi, growth=growth, amp=amp
+            model,
+            self.grid_image.as_tensor(),
+            roi,
+            growth=growth,
+            amp=amp,
+            spacing_mm=grid_spacing_mm(self.grid_image),
         )
         self._history: list[_State] = []
         self._state = _State([], [], [])
@@ -258,12 +265,34 @@ class ClickSession:
         labels = torch.as_tensor(self._state.labels, dtype=torch.long)
         probs = self.predictor.predict_windows(grid, labels, self._state.seeds)
         self._windows = list(probs)
-        return self._finish(self.predictor.stitch(probs))
+        roi, shape = self.predictor.roi, self.predictor.shape
+        lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]
+        hi = [min(shape[a], max((o[a] + roi[a] for o in probs), default=0)) for a in range(3)]
+        return self._finish(self.predictor.stitch(probs), region=(lo, hi))
 
-    def _finish(self, prob_grid: torch.Tensor) -> torch.Tensor:
+    def _finish(
+        self, prob_grid: torch.Tensor, region: tuple[list[int], list[int]] | None = None
+    ) -> torch.Tensor:
+        """Threshold the map on the original grid; ``region``: the only nonzero grid box.
+
+        With a region only that box is resampled (a further click costs its windows,
+        not the whole volume); without, the whole map goes through ``Invertd``.
+        """
         self.prob_grid = prob_grid
-        prob = invert_to_original(prob_grid, self.grid_image, self.transform)
-        self.mask = prob > self.threshold
+        if region is None:
+            prob = invert_to_original(prob_grid, self.grid_image, self.transform)
+            self.mask = prob > self.threshold
+            return self.mask
+        crop, lo, hi = invert_region_to_original(
+            prob_grid,
+            self.grid_image.affine,
+            self.original_affine,
+            self.original_shape,
+            *region,
+        )
+        mask = torch.zeros(self.original_shape, dtype=torch.bool, device=prob_grid.device)
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = crop > self.threshold
+        self.mask = mask
         return self.mask
 
     # -- automatic mode -----------------------------------------------------------

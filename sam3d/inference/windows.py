@@ -35,7 +35,8 @@ class WindowGrowth:
     Args:
         enabled: add neighbouring windows while the lesion touches a window border.
         max_extent_mm: the windows grown from one seed window never span more than this
-            along any axis (the grid is 1 mm, so this is also voxels).
+            many mm along any axis (voxel spans times the grid spacing of the
+            :class:`WindowPredictor`).
         max_windows: hard limit on the number of windows decoded for one prediction.
         overlap: fraction of a window shared with its neighbour (0.5: stride of half
             a window).
@@ -166,6 +167,8 @@ class WindowPredictor:
         roi: window size in grid voxels (the model's crop size).
         growth: window growth settings.
         amp: run the model in bfloat16 autocast (CUDA only).
+        spacing_mm: grid spacing (one value or one per axis), for ``growth.max_extent_mm``;
+            default 1 mm.
 
     ``encode_calls`` counts encoder runs; ``cache`` maps window origins to features.
     """
@@ -177,8 +180,13 @@ class WindowPredictor:
         roi: int | Sequence[int],
         growth: WindowGrowth | None = None,
         amp: bool = True,
+        spacing_mm: float | Sequence[float] = 1.0,
     ) -> None:
         self.model = model
+        sp = [float(spacing_mm)] * 3 if isinstance(spacing_mm, (int, float)) else list(spacing_mm)
+        if len(sp) != 3 or not all(v > 0 for v in sp):
+            raise ValueError(f"spacing_mm needs one or 3 positive values, got {spacing_mm!r}")
+        self.spacing_mm = tuple(float(v) for v in sp)
         self.volume = volume
         self.roi = roi_tuple(roi)
         self.growth = growth or WindowGrowth()
@@ -266,11 +274,12 @@ class WindowPredictor:
                     if len(planned) >= g.max_windows:
                         continue
                     group = (*groups[root], new_origin)
-                    span = [
-                        max(o[a] + roi[a] for o in group) - min(o[a] for o in group)
+                    span_mm = [
+                        (max(o[a] + roi[a] for o in group) - min(o[a] for o in group))
+                        * self.spacing_mm[a]
                         for a in range(3)
                     ]
-                    if max(span) > g.max_extent_mm:
+                    if max(span_mm) > g.max_extent_mm:
                         continue
                     point = _propagated_point(prob, origin, new_origin, roi, g.threshold)
                     if point is None:

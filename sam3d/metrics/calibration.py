@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from sam3d.errors import Sam3DError
-
 __all__ = ["CalibrationErrorMetric", "calibration_bins", "compute_ece", "ece_from_bins"]
 
 
@@ -26,14 +24,14 @@ def calibration_bins(
     p = prob.detach().double().flatten()
     y = (target > 0.5 if target.dtype != torch.bool else target).flatten()
     if p.shape != y.shape:
-        raise Sam3DError(f"prob and target sizes differ: {prob.numel()} vs {target.numel()}.")
+        raise ValueError(f"prob and target sizes differ: {prob.numel()} vs {target.numel()}.")
     if mode == "confidence":
         conf = torch.maximum(p, 1 - p)
         acc = ((p > 0.5) == y).double()
     elif mode == "probability":
         conf, acc = p, y.double()
     else:
-        raise Sam3DError(f"Unknown ECE mode {mode!r}; use 'confidence' or 'probability'.")
+        raise ValueError(f"Unknown ECE mode {mode!r}; use 'confidence' or 'probability'.")
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
     out = torch.zeros(3, n_bins, dtype=torch.float64, device=p.device)
     out[0].index_add_(0, idx, torch.ones_like(conf))

@@ -16,7 +16,6 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
-from sam3d.errors import Sam3DError
 from sam3d.metrics.surface import as_binary
 
 __all__ = [
@@ -35,7 +34,7 @@ def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, spatial_dims: int) ->
     """True positives, false positives, false negatives: ``... x 3`` float64."""
     p, g = as_binary(pred, "pred"), as_binary(gt, "gt")
     if p.shape != g.shape:
-        raise Sam3DError(f"pred and gt shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}.")
+        raise ValueError(f"pred and gt shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}.")
     p, g = p.flatten(-spatial_dims), g.flatten(-spatial_dims)
     tp = (p & g).sum(-1)
     return torch.stack([tp, p.sum(-1) - tp, g.sum(-1) - tp], -1).double()
@@ -52,7 +51,7 @@ def overlap_from_counts(counts: torch.Tensor, metric: str) -> torch.Tensor:
         return tp / (tp + fp)
     if metric == "recall":
         return tp / (tp + fn)
-    raise Sam3DError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
+    raise ValueError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
 
 
 def _spatial(pred: torch.Tensor, spatial_dims: int | None) -> int:
@@ -108,7 +107,7 @@ class OverlapMetric(CumulativeIterationMetric):
     ) -> None:
         super().__init__()
         if metric not in METRICS:
-            raise Sam3DError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
+            raise ValueError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
         self.metric = metric
         self.include_background = include_background
         self.pooled = pooled

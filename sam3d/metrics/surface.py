@@ -25,10 +25,16 @@ Shapes: masks are ``spatial`` or ``B x C x spatial`` (any leading dims), where t
 number of spatial dims is ``len(spacing_mm)`` (2 or 3). Results have the leading
 shape (a 0-d tensor for a single pair).
 
-Conventions (match the reference unless noted): NSD of two empty masks is NaN
-(0/0), NSD with exactly one empty mask is 0. HD95 and ASSD with one empty mask are
-``inf``; with both masks empty they are NaN (the reference returns inf for HD and
-NaN for ASSD there; NaN lets ``nanmean`` skip such cases).
+Empty masks, exactly as the reference (DeepMind's own test cases run through these
+functions in tests/test_surface_deepmind.py): NSD is NaN when both masks are empty
+(0/0) and 0 when one is; the robust Hausdorff distance is inf when either mask is
+empty (both empty included); the directed ASSD pair (gt -> pred, pred -> gt) is
+(inf, NaN) for an empty prediction, (NaN, inf) for an empty reference and (NaN, NaN)
+for both. The symmetric ASSD (not in the reference) is inf when one mask is empty and
+NaN when both are, as MONAI's. docs/METRICS.md sets these next to MONAI's.
+
+API misuse (shapes, dimensions, non-binary masks, bad spacing or tolerance) raises
+``ValueError``, as the reference and MONAI do.
 """
 
 from __future__ import annotations
@@ -47,8 +53,6 @@ from monai.data.utils import affine_to_spacing
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
-
-from sam3d.errors import Sam3DError
 
 __all__ = [
     "AverageSurfaceDistanceMetric",
@@ -196,7 +200,7 @@ def surfel_area_table(spacing_mm: torch.Tensor) -> torch.Tensor:
             else:
                 table[:, code] = 2 * diag
         return table
-    raise Sam3DError(f"Surface metrics need 2D or 3D masks, got {d} spatial dimensions.")
+    raise ValueError(f"Surface metrics need 2D or 3D masks, got {d} spatial dimensions.")
 
 
 # --------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def as_binary(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise Sam3DError(
+        raise ValueError(
             f"{name} must be binary (bool or 0/1); threshold probabilities and one-hot "
             "multi-class labels into B x C channels first."
         )
@@ -230,9 +234,9 @@ def _as_spacing(
     if s.ndim == 0:
         s = s.expand(d)
     if s.shape[-1] != d:
-        raise Sam3DError(f"spacing_mm must have {d} values per image, got shape {tuple(s.shape)}.")
+        raise ValueError(f"spacing_mm must have {d} values per image, got shape {tuple(s.shape)}.")
     if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-        raise Sam3DError(f"spacing_mm must be positive and finite, got {s.tolist()}.")
+        raise ValueError(f"spacing_mm must be positive and finite, got {s.tolist()}.")
     if s.ndim == 1:
         return s.expand(n_items, d).clone()
     if len(lead) >= 1 and s.shape[0] == lead[0] and s.ndim == 2:
@@ -241,11 +245,16 @@ def _as_spacing(
         return s.repeat_interleave(per, dim=0)
     s = s.reshape(-1, d)
     if s.shape[0] != n_items:
-        raise Sam3DError(f"spacing_mm of shape {tuple(s.shape)} does not match {n_items} masks.")
+        raise ValueError(f"spacing_mm of shape {tuple(s.shape)} does not match {n_items} masks.")
     return s.clone()
 
 
 def _prepare(pred: torch.Tensor, gt: torch.Tensor, spacing_mm: SpacingLike) -> tuple:
+    for name, t in (("pred", pred), ("gt", gt)):
+        if not isinstance(t, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}."
+            )
     pred = torch.as_tensor(pred)
     gt = torch.as_tensor(gt)
     if isinstance(pred, MetaTensor):
@@ -253,11 +262,22 @@ def _prepare(pred: torch.Tensor, gt: torch.Tensor, spacing_mm: SpacingLike) -> t
     if isinstance(gt, MetaTensor):
         gt = gt.as_tensor()
     if pred.shape != gt.shape:
-        raise Sam3DError(f"pred and gt shapes differ: {tuple(pred.shape)} vs {tuple(gt.shape)}.")
+        raise ValueError(
+            "The arguments must be of compatible shape: pred and gt shapes differ, "
+            f"{tuple(pred.shape)} vs {tuple(gt.shape)}."
+        )
     d = np.asarray(spacing_mm.cpu() if isinstance(spacing_mm, torch.Tensor) else spacing_mm).shape
-    d = d[-1] if len(d) else pred.ndim if pred.ndim in (2, 3) else None
-    if d not in (2, 3) or pred.ndim < d:
-        raise Sam3DError(f"Surface metrics need 2D or 3D masks, got shape {tuple(pred.shape)}.")
+    d = d[-1] if len(d) else pred.ndim
+    if d not in (2, 3):
+        raise ValueError(
+            f"Only 2D and 3D masks are supported: got {d} spatial dimensions (masks of shape "
+            f"{tuple(pred.shape)}; a batch needs spacing_mm with one value per spatial dim)."
+        )
+    if pred.ndim < d:
+        raise ValueError(
+            f"The arguments must be of compatible shape: spacing_mm has {d} values but the "
+            f"masks have shape {tuple(pred.shape)}."
+        )
     lead = tuple(pred.shape[: pred.ndim - d])
     spatial = tuple(pred.shape[pred.ndim - d :])
     n = int(np.prod(lead)) if lead else 1
@@ -547,14 +567,25 @@ def compute_surface_distances(
     ]
 
 
+def check_tolerance(value: Any, name: str = "tolerance_mm") -> torch.Tensor:
+    """``value`` as a flat float64 tensor; ValueError unless every entry is finite and >= 0."""
+    try:
+        tol = torch.as_tensor(value, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r}.") from e
+    if tol.numel() == 0 or not bool(torch.isfinite(tol).all()) or bool((tol < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0, got {tol.tolist()}.")
+    return tol
+
+
 def _tolerance_per_item(
     tolerance_mm: float | Sequence[float] | torch.Tensor, lead: tuple, n: int
 ) -> torch.Tensor:
-    tol = torch.as_tensor(tolerance_mm, dtype=torch.float64).flatten()
+    tol = check_tolerance(tolerance_mm)
     if tol.numel() == 1:
         return tol.expand(n).clone()
     if not lead or tol.numel() != lead[-1]:
-        raise Sam3DError(
+        raise ValueError(
             f"tolerance_mm needs one value or one per class ({lead[-1] if lead else 1}), "
             f"got {tol.numel()}."
         )
@@ -615,21 +646,29 @@ def _weighted_percentile(dist: torch.Tensor, area: torch.Tensor, percent: float)
     return dist[min(int(idx), dist.numel() - 1)]
 
 
+def _check_percent(percent: float) -> None:
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)):
+        raise TypeError(f"percent must be a number, got {percent!r}.")
+    if not 0.0 <= float(percent) <= 100.0:  # also refuses NaN
+        raise ValueError(f"percent must lie in [0, 100], got {percent}.")
+
+
 def compute_hd95(
     pred: torch.Tensor, gt: torch.Tensor, spacing_mm: SpacingLike, percent: float = 95.0
 ) -> torch.Tensor:
     """Robust (percentile) Hausdorff distance in mm, as DeepMind's ``compute_robust_hausdorff``.
 
-    Shapes as :func:`compute_surface_dice`. inf when exactly one mask is empty, NaN when
-    both are.
+    Shapes as :func:`compute_surface_dice`; ``percent`` in [0, 100] (100: the classic
+    Hausdorff distance). inf when either mask is empty, both empty included (as the
+    reference; MONAI gives NaN there).
     """
+    _check_percent(percent)
     p, _, _, lead, _ = _prepare(pred, gt, spacing_mm)
     out = []
     for item in compute_surface_distances(pred, gt, spacing_mm):
         a = _weighted_percentile(item["distances_gt_to_pred"], item["surfel_areas_gt"], percent)
         b = _weighted_percentile(item["distances_pred_to_gt"], item["surfel_areas_pred"], percent)
-        both_empty = item["surfel_areas_gt"].numel() == 0 and item["surfel_areas_pred"].numel() == 0
-        out.append(torch.full_like(a, math.nan) if both_empty else torch.maximum(a, b))
+        out.append(torch.maximum(a, b))
     return torch.stack(out).reshape(lead).to(p.device)
 
 
@@ -640,9 +679,10 @@ def compute_assd(
 
     Args:
         directed: if True return ``lead x 2``: (gt -> pred, pred -> gt), exactly the
-            pair of DeepMind's ``compute_average_surface_distance``; otherwise their mean.
-
-    inf when exactly one mask is empty, NaN when both are.
+            pair of DeepMind's ``compute_average_surface_distance``: a direction from an
+            empty mask is NaN (no surfels to average), one towards an empty mask inf.
+            Otherwise the symmetric ASSD, the mean of the pair: inf when exactly one
+            mask is empty (as MONAI's), NaN when both are.
     """
     p, _, _, lead, _ = _prepare(pred, gt, spacing_mm)
     out = []
@@ -652,18 +692,15 @@ def compute_assd(
             (item["distances_gt_to_pred"], item["surfel_areas_gt"]),
             (item["distances_pred_to_gt"], item["surfel_areas_pred"]),
         ):
-            if dist.numel() == 0:  # this mask is empty: inf if the other is not
-                pair.append(torch.tensor(math.inf, dtype=torch.float64, device=dist.device))
-            else:
-                pair.append((dist * area).sum() / area.sum())
-        pair_t = torch.stack(pair)
-        if item["surfel_areas_gt"].numel() == 0 and item["surfel_areas_pred"].numel() == 0:
-            pair_t = torch.full_like(pair_t, math.nan)
-        out.append(pair_t)
+            # 0/0 = NaN for an empty source; sums of inf distances give inf
+            pair.append((dist * area).sum() / area.sum())
+        out.append(torch.stack(pair))
     res = torch.stack(out).to(p.device)
     if directed:
         return res.reshape(*lead, 2)
-    return res.mean(-1).reshape(lead)
+    one_empty = torch.isnan(res).sum(-1) == 1
+    sym = torch.where(one_empty, torch.full_like(res[..., 0], math.inf), res.mean(-1))
+    return sym.reshape(lead)
 
 
 # --------------------------------------------------------------------------------------
@@ -725,7 +762,7 @@ class SpacingAwareMetric(CumulativeIterationMetric):
 
     def _select(self, y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if y_pred.ndim < 4:
-            raise Sam3DError(f"{type(self).__name__} needs B x C x spatial inputs.")
+            raise ValueError(f"{type(self).__name__} needs B x C x spatial inputs.")
         return ignore_background(y_pred, y) if not self.include_background else (y_pred, y)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
@@ -745,6 +782,7 @@ class SurfaceDiceMetric(SpacingAwareMetric):
 
     def __init__(self, tolerance_mm: float | Sequence[float], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_tolerance(tolerance_mm)  # refuse misuse when the metric is built
         self.tolerance_mm = tolerance_mm
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
@@ -758,6 +796,7 @@ class HausdorffDistance95Metric(SpacingAwareMetric):
 
     def __init__(self, percent: float = 95.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _check_percent(percent)
         self.percent = percent
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from sam3d.errors import Sam3DError
+from sam3d.presets import read_preset
 
 
 @dataclass(frozen=True)
 class ModelKind:
     """One registered model: ``wing`` (volumetric / planar), builder and class by import path.
 
+    ``presets``: the ``configs/<presets>/`` folder of its named configs (``tiny`` at least).
     ``kwargs``: the builder takes the config as keyword arguments (else as one dict).
     """
 
@@ -27,6 +29,7 @@ class ModelKind:
     wing: str
     builder: str  # "module:function"
     cls: str  # class name of the built model
+    presets: str
     kwargs: bool = True
 
 
@@ -41,11 +44,22 @@ def register_model(kind: ModelKind) -> None:
 
 
 register_model(
-    ModelKind("sam3d", "volumetric", "sam3d.models.volumetric.sam3d:build_sam3d", "Sam3D", False)
+    ModelKind(
+        "sam3d",
+        "volumetric",
+        "sam3d.models.volumetric.sam3d:build_sam3d",
+        "Sam3D",
+        presets="model",
+        kwargs=False,
+    )
 )
 register_model(
     ModelKind(
-        "topolora", "planar", "sam3d.models.planar.topolora:build_topolora_sam", "TopoLoRASam"
+        "topolora",
+        "planar",
+        "sam3d.models.planar.topolora:build_topolora_sam",
+        "TopoLoRASam",
+        presets="topolora",
     )
 )
 
@@ -62,17 +76,18 @@ def get_kind(name: str) -> ModelKind:
 
 
 def build_model(kind: str, config: dict[str, Any] | str) -> torch.nn.Module:
-    """A model of ``kind`` from its config (random weights); sets ``model.config``."""
+    """A model of ``kind`` (random weights) from a config dict or a preset name of its
+    ``configs/<presets>/`` folder; the builder sets ``model.config``."""
     entry = get_kind(kind)
     module, fn = entry.builder.split(":")
     builder = getattr(importlib.import_module(module), fn)
-    if entry.kwargs:
-        if not isinstance(config, dict):
-            raise Sam3DError(f"a {kind} config must be a dict, got {type(config).__name__}")
-        model = builder(**config)
-    else:
-        model = builder(config)
-    return model
+    if not entry.kwargs:
+        return builder(config)
+    if isinstance(config, str):
+        config = read_preset(entry.presets, config)
+    if not isinstance(config, dict):
+        raise Sam3DError(f"a {kind} config must be a dict, got {type(config).__name__}")
+    return builder(**config)
 
 
 def kind_of(model: torch.nn.Module) -> str:

@@ -31,6 +31,7 @@ from sam3d.data.phantoms.ct import (
     make_ct_phantom,
 )
 from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
+from sam3d.data.splits import carve
 from sam3d.errors import Sam3DError
 
 __all__ = [
@@ -57,17 +58,10 @@ __all__ = [
 
 
 def split_cases(n: int) -> tuple[list[int], list[int], list[int]]:
-    """Deterministic 60/20/20 split of case indices, at least one case each when n >= 3."""
-    if n < 3:
-        return list(range(min(n, 1))), list(range(1, n)), []
-    n_val = max(1, round(0.2 * n))
-    n_test = max(1, round(0.2 * n))
-    n_train = n - n_val - n_test
-    return (
-        list(range(n_train)),
-        list(range(n_train, n_train + n_val)),
-        list(range(n_train + n_val, n)),
-    )
+    """Deterministic 60/20/20 split of case indices in order (:func:`sam3d.data.splits.carve`),
+    at least one case each when n >= 3."""
+    parts = carve(list(range(int(n))), 0.2, 0.2, seed=None)
+    return parts["training"], parts["validation"], parts["test"]
 
 
 def write_phantom_dataset(

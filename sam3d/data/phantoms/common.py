@@ -172,20 +172,6 @@ def save_png(array: np.ndarray, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: Image.fromarray(np.asarray(array)).save(tmp, format="PNG"))
 
 
-def split_cases(n: int) -> tuple[list[int], list[int], list[int]]:
-    """Deterministic 60/20/20 split of case indices, at least one case each when n >= 3."""
-    if n < 3:
-        return list(range(min(n, 1))), list(range(1, n)), []
-    n_val = max(1, round(0.2 * n))
-    n_test = max(1, round(0.2 * n))
-    n_train = n - n_val - n_test
-    return (
-        list(range(n_train)),
-        list(range(n_train, n_train + n_val)),
-        list(range(n_train + n_val, n)),
-    )
-
-
 def case_seed(seed: int, index: int) -> int:
     """The seed of case ``index`` of a dataset generated with ``seed``."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])

@@ -1,6 +1,6 @@
 """3D image encoder built from SAM's ViT: folded patch embedding, 3D windows, adapters, necks.
 
-The function is the 3DSAM-adapter encoder's (REFERENCE.md section 1); the computation is
+The function is the 3DSAM-adapter encoder's (docs/REFERENCES.md section 1); the computation is
 cheaper in two places, each with a ``reference`` switch that runs the anchor's formulation:
 
 - Patch embedding. The anchor upsamples the crop x4 (trilinear, ``align_corners=False``),

@@ -1,0 +1,352 @@
+"""The viewer driven in a real headless browser (Debian's chromium through Playwright).
+
+A phantom with two lesions is served with an oracle model (the component of similar
+intensity under a click, :mod:`serve_oracle`), so what is checked is the whole road:
+page -> click -> ClickSession (preprocessing, windows, inversion) -> packed mask ->
+overlay. The tests run in order on one page. Set ``SAM3D_SERVE_SCREENSHOT=path.png``
+to keep the screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_oracle import BrightComponentOracle  # noqa: E402
+
+CHROMIUM = next(
+    (
+        p
+        for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser"))
+        if p and os.path.exists(p)
+    ),
+    None,
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium found (Debian: apt-get install chromium; .ci/run installs it)",
+)
+playwright_sync = pytest.importorskip(
+    "playwright.sync_api", reason="the Python driver is missing: pip install -e '.[test]'"
+)
+
+# seed 4 at this geometry: two separate lesions the oracle segments with Dice ~0.87 / 0.9
+PHANTOM = dict(
+    seed=4,
+    shape_vox=(128, 128, 40),
+    spacing_mm=(1.8, 1.8, 3.0),
+    n_lesions=2,
+    noise_hu=3.0,
+    orientation="LPS",
+)
+TOL_HU = 15.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from sam3d.data.phantoms import make_ct_phantom
+    from sam3d.data.phantoms.common import save_nifti
+    from sam3d.data.pipelines import load_dataset_preset
+    from sam3d.serve import create_app
+    from sam3d.serve.server import BackgroundServer
+
+    seed = PHANTOM.pop("seed")
+    ph = make_ct_phantom(seed, **PHANTOM)
+    PHANTOM["seed"] = seed
+    folder = tmp_path_factory.mktemp("serve")
+    path = folder / "phantom.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, path, np.int16)
+    comps, n = ndimage.label(ph.label == 2)
+    assert n == 2
+    lesions = sorted((comps == c for c in (1, 2)), key=lambda m: -int(m.sum()))
+    # the deepest voxel of each lesion: a click a user would make
+    centres = [
+        tuple(
+            int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(m)), m.shape)
+        )
+        for m in lesions
+    ]
+    dataset = load_dataset_preset("kits")
+    model = BrightComponentOracle(tol=TOL_HU / dataset["std"], crop_size=64)
+    app = create_app(model, {"dataset": "kits"}, [path], device="cpu", max_upload_mb=4)
+    with BackgroundServer(app) as url:
+        yield {
+            "app": app,
+            "url": url,
+            "path": path,
+            "phantom": ph,
+            "lesions": lesions,
+            "centres": centres,
+            "folder": folder,
+        }
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright_sync.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 470}, accept_downloads=True
+        )
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(served["url"])
+        pg.wait_for_function("window.sam3d.vol !== null && window.sam3d.updates >= 1")
+        yield pg
+        browser.close()
+
+
+def updates(page) -> int:
+    return int(page.evaluate("window.sam3d.updates"))
+
+
+def click_voxel(page, vox, view: str = "axial", negative: bool = False) -> None:
+    """Scroll the views to ``vox`` (navigation), then click on it with the mouse."""
+    page.evaluate("(v) => { window.sam3d.cursor = v; renderAll(); }", list(vox))
+    x, y = page.evaluate(
+        """([name, v]) => {
+            const c = document.getElementById(name), m = c._map, r = c.getBoundingClientRect();
+            const p = flipIndex(m.ax.x, v[m.ax.x]) + 0.5, q = flipIndex(m.ax.y, v[m.ax.y]) + 0.5;
+            return [r.left + (m.ox + p * m.ux) / m.dpr, r.top + (m.oy + q * m.uy) / m.dpr];
+        }""",
+        [view, list(vox)],
+    )
+    before = updates(page)
+    if negative:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if negative:
+        page.keyboard.up("Shift")
+    page.wait_for_function(f"window.sam3d.updates > {before}")
+
+
+def page_mask(page, shape) -> np.ndarray:
+    """The mask as the page holds it (decoded in JavaScript from the packed bits)."""
+    idx = page.evaluate(
+        "() => { const m = window.sam3d.mask, o = []; "
+        "for (let i = 0; i < m.length; i++) if (m[i]) o.push(i); return o; }"
+    )
+    out = np.zeros(int(np.prod(shape)), dtype=bool)
+    out[np.asarray(idx, dtype=np.int64)] = True
+    return out.reshape(shape)
+
+
+def overlay_pixels(page, view: str) -> tuple[int, float]:
+    """Red-tinted pixels drawn in ``view``, and the area the page's mask slice should cover."""
+    return tuple(
+        page.evaluate(
+            """(name) => {
+            const c = document.getElementById(name), m = c._map, S = window.sam3d;
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let red = 0;
+            for (let o = 0; o < d.length; o += 4)
+                if (d[o] > d[o + 1] + 40 && d[o] > d[o + 2] + 40) red++;
+            const st = [S.vol.shape[1] * S.vol.shape[2], S.vol.shape[2], 1];
+            let n = 0;
+            for (let p = 0; p < m.nx; p++)
+                for (let q = 0; q < m.ny; q++) {
+                    const v = S.cursor.slice(); v[m.ax.x] = p; v[m.ax.y] = q;
+                    n += S.mask[v[0] * st[0] + v[1] * st[1] + v[2]];
+                }
+            return [red, n * m.ux * m.uy];
+        }""",
+            view,
+        )
+    )
+
+
+def red_pixels_3d(page) -> int:
+    """Pixels of the 3D view showing the mask (red shades)."""
+    return page.evaluate(
+        """() => { const c = document.getElementById("view3d");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let o = 0; o < d.length; o += 4) if (d[o] > d[o + 1] + 40) n++;
+        return n; }"""
+    )
+
+
+def test_page_opens_the_served_phantom(page, served):
+    shape = page.evaluate("window.sam3d.vol.shape")
+    assert tuple(shape) == served["phantom"].image_hu.shape
+    assert "phantom.nii.gz" in page.inner_text("#image-info")
+    # the voxels arrived unchanged (int16 HU)
+    i, j, k = served["centres"][0]
+    value = page.evaluate(f"window.sam3d.vol.data[({i} * {shape[1]} + {j}) * {shape[2]} + {k}]")
+    assert value == int(np.rint(served["phantom"].image_hu[i, j, k]))
+
+
+def test_click_in_tumour_draws_overlay(page, served):
+    big = served["lesions"][0]
+    click_voxel(page, served["centres"][0], view="axial")
+    assert page.inner_text("#message") == ""
+    mask = page_mask(page, big.shape)
+    assert dice(mask, big) > 0.8, dice(mask, big)
+    assert not (mask & served["lesions"][1]).any()
+    for view in ("axial", "coronal", "sagittal"):  # the overlay is drawn in every view
+        red, area = overlay_pixels(page, view)
+        assert area > 100 and abs(red - area) < 0.25 * area, (view, red, area)
+    assert red_pixels_3d(page) > 200  # the 3D rendering shows the lesion
+    assert page.evaluate("window.sam3d.points")[0] == list(served["centres"][0])
+    text = page.inner_text("#mask-info")
+    voxel_ml = abs(np.linalg.det(served["phantom"].affine[:3, :3])) / 1000
+    assert f"{mask.sum() * voxel_ml:.2f} mL" in text
+    shot = served["folder"] / "serve.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("SAM3D_SERVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["SAM3D_SERVE_SCREENSHOT"])
+
+
+def test_negative_click_removes_a_region_and_undo_restores_it(page, served):
+    big, small = served["lesions"]
+    click_voxel(page, served["centres"][1], view="coronal")
+    both = page_mask(page, big.shape)
+    assert dice(both, big | small) > 0.8
+    click_voxel(page, served["centres"][1], view="sagittal", negative=True)
+    after = page_mask(page, big.shape)
+    assert not (after & small).any()
+    assert dice(after, big) > 0.8
+    assert page.evaluate("window.sam3d.labels") == [1, 1, 0]
+    before = updates(page)
+    page.click("#undo")
+    page.wait_for_function(f"window.sam3d.updates > {before}")
+    assert np.array_equal(page_mask(page, big.shape), both)
+
+
+def test_save_mask_writes_the_inputs_header(page, served, tmp_path):
+    with page.expect_download() as info:
+        page.click("#save")
+    out = tmp_path / info.value.suggested_filename
+    info.value.save_as(out)
+    assert out.name == "phantom_seg.nii.gz"
+    saved, given = nib.load(str(out)), nib.load(str(served["path"]))
+    assert saved.shape == given.shape
+    np.testing.assert_array_equal(saved.affine, given.affine)
+    assert np.array_equal(np.asarray(saved.dataobj) > 0, page_mask(page, given.shape))
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_paths_outside_the_served_files_are_refused(served):
+    import http.client
+
+    url = served["url"]
+    for name in ("../../../etc/passwd", "/etc/passwd", str(served["path"]), "phantom.nii"):
+        status, body = _post(url + "/api/open", {"file": name})
+        assert status == 404 and "not one of the served files" in body["error"], name
+    assert _post(url + "/api/open", {"file": "phantom.nii.gz"})[0] == 200
+    host, port = url.removeprefix("http://").split(":")
+    for path in ("/static/../app.py", "/static/..%2F..%2Fcli.py", "/static/%2e%2e/app.py"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", path)  # raw: no client-side normalisation of ".."
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 404, (path, resp.status)
+        assert b"create_app" not in body and b"Traceback" not in body
+        conn.close()
+    status, body = _post(url + "/api/sessions/nope/click", {"point": [1, 1, 1]})
+    assert status == 404 and "open it again" in body["error"]
+
+
+def test_corrupt_upload_shows_a_message_and_keeps_the_session(page, served, tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b this is not a NIfTI volume" * 10)
+    sid = page.evaluate("window.sam3d.sid")
+    page.set_input_files("#picker", str(bad))
+    page.wait_for_selector("#message.error")
+    text = page.inner_text("#message")
+    assert "cannot read" in text and "broken.nii.gz" in text and "Traceback" not in text
+    assert str(served["folder"]) not in text  # no server paths in messages
+    assert page.evaluate("window.sam3d.sid") == sid
+    big = tmp_path / "big.nii.gz"  # over the 4 MB limit: refused in the page before sending
+    big.write_bytes(os.urandom(5 * 1024 * 1024))
+    page.set_input_files("#picker", str(big))
+    page.wait_for_function("document.getElementById('message').textContent.includes('limit')")
+    # the session still answers clicks: reset, click the small lesion
+    before = updates(page)
+    page.click("#reset")
+    page.wait_for_function(f"window.sam3d.updates > {before}")
+    assert not page_mask(page, served["lesions"][0].shape).any()
+    assert red_pixels_3d(page) == 0
+    click_voxel(page, served["centres"][1])
+    small = served["lesions"][1]
+    assert dice(page_mask(page, small.shape), small) > 0.8
+    assert page.inner_text("#message") == ""
+
+
+def test_server_refuses_an_upload_over_the_limit(served):
+    import http.client
+
+    host, port = served["url"].removeprefix("http://").split(":")
+    limit = 4 * 1024 * 1024
+    # a declared size over the limit is refused before any byte of the body is read
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/api/upload")
+    conn.putheader("X-Filename", "x.nii.gz")
+    conn.putheader("Content-Length", str(limit + 1))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "upload limit" in json.loads(resp.read())["error"]
+    conn.close()
+    # an undeclared (chunked) body is counted while it streams
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = [b"\0" * (1024 * 1024)] * 4 + [b"\0"]
+    conn.request(
+        "POST",
+        "/api/upload",
+        body=iter(chunks),
+        headers={"X-Filename": "y.nii.gz"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413 and "upload limit" in json.loads(resp.read())["error"]
+    conn.close()
+    assert not list(Path(served["app"].state.upload_dir).iterdir())  # nothing left behind
+
+
+def test_gzip_is_smaller_on_the_wire_than_the_full_mask(page, served):
+    t = page.evaluate("window.sam3d.timings")
+    clicks = [x for x in t if x["kind"] == "click"]
+    full = int(np.prod(served["phantom"].image_hu.shape))
+    assert clicks and all(0 < x["wireBytes"] < full / 50 for x in clicks)
+
+
+def test_uploading_a_good_file_opens_it(page, served, tmp_path):
+    from sam3d.data.phantoms import make_ct_phantom
+    from sam3d.data.phantoms.common import save_nifti
+
+    ph = make_ct_phantom(7, shape_vox=(48, 40, 16), spacing_mm=(2.0, 2.0, 4.0), orientation="RAS")
+    path = tmp_path / "other case.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, path, np.int16)
+    sid = page.evaluate("window.sam3d.sid")
+    page.set_input_files("#picker", str(path))
+    page.wait_for_function(f"window.sam3d.sid !== {json.dumps(sid)}")
+    assert page.evaluate("window.sam3d.vol.shape") == [48, 40, 16]
+    assert "other_case.nii.gz" in page.inner_text("#image-info")  # the name made safe
+    assert page.inner_text("#message") == ""
+    uploads = list(Path(served["app"].state.upload_dir).iterdir())
+    assert [p.name.split("_", 1)[1] for p in uploads] == ["other_case.nii.gz"]
