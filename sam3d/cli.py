@@ -177,6 +177,40 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _override(text: str) -> tuple[str, object]:
+    """``ID=VALUE`` -> (id, value); the value as a Python literal when it is one."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _cmd_bundle(args: argparse.Namespace) -> None:
+    if args.action == "export":
+        from sam3d.apps.export import export_bundle
+
+        if args.out is None:
+            raise Sam3DError("bundle export needs --out DIR")
+        out = export_bundle(
+            args.run_dir, args.out, version=args.version, torchscript=not args.no_torchscript,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote the model-zoo bundle {out}")
+        return
+    from sam3d.apps.zoo import check_bundle, failures
+
+    checks = check_bundle(args.run_dir, overrides=dict(args.set), export=not args.no_torchscript)
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}" + (f": {c.detail}" if c.detail else ""))
+    if failures(checks):
+        raise Sam3DError(f"{len(failures(checks))} zoo check(s) failed")
+
+
 def _add_growth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument(
@@ -285,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_growth_args(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bundle", help="export a training run as a model-zoo bundle; check one")
+    p.add_argument("action", choices=["export", "check"])
+    p.add_argument("run_dir", type=Path, help="export: the training's bundle root; check: a bundle")
+    p.add_argument("--out", type=Path, help="export: the new bundle's folder")
+    p.add_argument("--version", help="export: the bundle version (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="export: replace a non-empty --out")
+    p.add_argument("--no-torchscript", action="store_true", help="no models/model.ts / TS check")
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="ID=VALUE",
+        help="check: a config override for the network checks (e.g. preset=tiny); repeatable",
+    )
+    p.set_defaults(func=_cmd_bundle)
     return parser
 
 

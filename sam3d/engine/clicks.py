@@ -98,19 +98,54 @@ class ClickCropInferer(Inferer):
 
 
 class CentreClickNetwork(torch.nn.Module):
-    """An image-only view of a promptable network: one positive click at the crop centre.
+    """A promptable network whose clicks are optional: one positive click at the crop centre.
 
-    For tools that call ``network(image)`` only (``monai.bundle verify_net_in_out``).
-    ``image`` ``B x C x H x W x D`` -> the wrapped network's logits.
+    For tools that call ``network(image)`` only (``monai.bundle verify_net_in_out``,
+    ``ckpt_export``); clicks given as keywords pass through unchanged, so the same object
+    serves the click inferers. Its state dict is the wrapped network's (no ``network.``
+    prefix), so a plain ``model.pt`` of the wrapped network loads into it and back.
+
+    ``image`` ``B x C x H x W x D`` (+ ``points`` ``B x N x 3``, ``point_labels`` ``B x N``)
+    -> the wrapped network's logits.
     """
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
+        self.register_state_dict_post_hook(_strip_network_prefix)
+        self.register_load_state_dict_pre_hook(_add_network_prefix)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        b = image.shape[0]
-        centre = torch.tensor([(s - 1) / 2 for s in image.shape[2:]], device=image.device)
-        points = centre.expand(b, 1, 3).contiguous()
-        labels = torch.ones(b, 1, dtype=torch.long, device=image.device)
-        return self.network(image, points=points, point_labels=labels)
+    def __getattr__(self, name: str) -> Any:  # crop_size, encode, decode of the wrapped one
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if points is None:
+            b = image.shape[0]
+            centre = torch.tensor(
+                [(s - 1) / 2 for s in image.shape[2:]], dtype=torch.float32, device=image.device
+            )
+            points = centre.expand(b, 1, 3).contiguous()
+            point_labels = torch.ones(b, 1, dtype=torch.long, device=image.device)
+        return self.network(image, points=points, point_labels=point_labels)
+
+
+def _strip_network_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "network."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_network_prefix(
+    module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if not key.startswith(prefix + "network."):
+            state_dict[prefix + "network." + key[len(prefix) :]] = state_dict.pop(key)
