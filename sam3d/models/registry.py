@@ -62,6 +62,7 @@ register_model(
         presets="topolora",
     )
 )
+register_model(ModelKind("desam", "planar", "sam3d.models.planar.desam:build_desam", "DeSAM"))
 
 
 def model_kinds() -> list[str]:
