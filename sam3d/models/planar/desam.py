@@ -383,9 +383,12 @@ class DeSAM(nn.Module):
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training / evaluation call on (cached or live) features: see :meth:`decode`."""
-        return self.decode(features, points, point_labels, boxes)
+        return_iou: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Training / evaluation call on (cached or live) features: see :meth:`decode`;
+        ``return_iou=False`` returns the logits alone (for evaluators' postprocessing)."""
+        logits, iou = self.decode(features, points, point_labels, boxes)
+        return (logits, iou) if return_iou else logits
 
     # ------------------------------------------------------------------ prompt modes
     def whole_box(self, n: int, device: torch.device | None = None) -> torch.Tensor:
