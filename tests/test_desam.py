@@ -23,7 +23,6 @@ from sam3d.models.planar.desam import (
 )
 from sam3d.models.registry import build_model, kind_of
 
-
 SIDE, MASK = 128, 32  # the tiny preset at a 128 input (its 256 works too): quick on a CPU
 TINY = {**desam_preset("tiny"), "image_size": SIDE}
 
@@ -153,8 +152,12 @@ def test_tap_branch_once_per_image_equals_once_per_prompt(tiny):
         again, iou_again = tiny.decode(feats, pts, lab, invariant_once=False)
         # and each prompt alone, its image alone: the batched call changes nothing
         single = torch.cat(
-            [tiny.decode([f[i // 3 : i // 3 + 1] for f in feats], pts[i : i + 1],
-                         lab[i : i + 1])[0] for i in range(6)]  # fmt: skip
+            [
+                tiny.decode(
+                    [f[i // 3 : i // 3 + 1] for f in feats], pts[i : i + 1], lab[i : i + 1]
+                )[0]
+                for i in range(6)
+            ]  # fmt: skip
         )
     assert once.shape == (6, 1, MASK, MASK) and iou_once.shape == (6, 1)
     torch.testing.assert_close(once, again, rtol=1e-5, atol=1e-5)

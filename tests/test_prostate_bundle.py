@@ -11,8 +11,8 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from sam3d.apps.prostate import (
-    cached_slices,
     cache_dir_for,
+    cached_slices,
     dice_3d,
     load_cases,
     prostate_datalist,
@@ -93,7 +93,9 @@ def test_leave_sites_out_evaluation_writes_per_case_and_per_site_dice(trained, t
     )  # fmt: skip
     rows = list(csv.DictReader((trained / "eval" / "metrics_per_case.csv").open()))
     assert len(rows) == 6 and {r["site"] for r in rows} == {"B", "C"}  # never site A
-    sites = {r["site"]: r for r in csv.DictReader((trained / "eval" / "metrics_per_site.csv").open())}
+    sites = {
+        r["site"]: r for r in csv.DictReader((trained / "eval" / "metrics_per_site.csv").open())
+    }
     assert set(sites) == {"B", "C", "all"} and sites["all"]["n"] == "6"
     for s in ("B", "C"):
         mean = np.mean([float(r["dice"]) for r in rows if r["site"] == s])
@@ -138,7 +140,10 @@ def test_a_2d_or_4d_nifti_gets_one_clear_message_and_nothing_is_written(
 
 def test_splits_leave_sites_out_and_validation_comes_from_training_sites(tmp_path):
     d = tmp_path / "data"
-    parts = {s: prostate_datalist(d, s, ["A", "B"], phantom=PHANTOM) for s in ("training", "validation", "test")}
+    parts = {
+        s: prostate_datalist(d, s, ["A", "B"], phantom=PHANTOM)
+        for s in ("training", "validation", "test")
+    }
     assert {c["site"] for c in parts["training"] + parts["validation"]} == {"A", "B"}
     assert {c["site"] for c in parts["test"]} == {"C"} and len(parts["test"]) == 3
     names = [c["image"] for p in parts.values() for c in p]
@@ -171,10 +176,12 @@ def test_prostate_phantoms_are_seeded_and_sites_shift_the_domain(tmp_path):
     # background noise (outside the body, corner of the slice) relative to the scale
     noise = lambda p, s: p.image[:4, :4].std() / SITES[s]["scale"]  # noqa: E731
     assert noise(f, "F") > 2 * noise(a1, "A")
+
     # site C: fat darker than the gland (another contrast), site A: the reverse
     def fat_vs_gland(p):
         fat = (volume_to_uint8(p.image) > 0) & ~p.label.astype(bool)
         return np.median(p.image[p.label > 0]) / np.percentile(p.image[fat], 90)
+
     assert fat_vs_gland(c) > fat_vs_gland(a1)
     assert make_prostate_phantom(4, "A", 48, 6).gland_mm != a1.gland_mm  # seeds differ
     png = save_site_preview(tmp_path / "sites.png", seed=1, in_plane_vox=48, n_slices=4)

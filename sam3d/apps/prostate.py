@@ -102,9 +102,12 @@ def prostate_datalist(
     unknown = [s for s in train_sites if s not in sites]
     if unknown:
         raise Sam3DError(f"training sites {unknown} are not in {dataset_dir} (sites {sites})")
-    test_sites = [s for s in sites if s not in train_sites] if test_sites is None else list(test_sites)
-    if set(test_sites) & set(train_sites):
-        raise Sam3DError(f"a site cannot be both trained and tested on: {sorted(set(test_sites) & set(train_sites))}")
+    test_sites = (
+        [s for s in sites if s not in train_sites] if test_sites is None else list(test_sites)
+    )
+    both = sorted(set(test_sites) & set(train_sites))
+    if both:
+        raise Sam3DError(f"a site cannot be both trained and tested on: {both}")
     carved = carve([c for c in cases if c["site"] in train_sites], val_fraction, 0.0, seed)
     splits = {
         "training": carved["training"],
@@ -115,7 +118,9 @@ def prostate_datalist(
     if split not in splits:
         raise Sam3DError(f"split must be training, validation or test, got {split!r}")
     if not splits[split]:
-        raise Sam3DError(f"the {split} split of {dataset_dir} is empty (sites {train_sites} / {test_sites})")
+        raise Sam3DError(
+            f"the {split} split of {dataset_dir} is empty (sites {train_sites} / {test_sites})"
+        )
     return splits[split]
 
 
@@ -137,7 +142,8 @@ def slice_to_input(slice_u8: np.ndarray, input_size: int, mask_size: int) -> np.
 def label_to_mask(label: np.ndarray, mask_size: int) -> np.ndarray:
     """``H x W`` label -> ``s x s`` uint8 0/1 (nearest)."""
     y = torch.as_tensor(label > 0, dtype=torch.float32)[None, None]
-    return (F.interpolate(y, (mask_size, mask_size), mode="nearest")[0, 0] > 0.5).numpy().astype(np.uint8)  # fmt: skip
+    y = F.interpolate(y, (mask_size, mask_size), mode="nearest")[0, 0]
+    return (y > 0.5).numpy().astype(np.uint8)
 
 
 def case_slices(
@@ -205,7 +211,9 @@ class DeSAMPrepareBatch:
             raise Sam3DError(f"training prompt mode must be 'points' or 'box', got {mode!r}")
         self.mode, self.input_size, self.logits_only = mode, int(input_size), logits_only
 
-    def __call__(self, batch: dict[str, Any], device: Any = None, non_blocking: bool = False, **_: Any):
+    def __call__(
+        self, batch: dict[str, Any], device: Any = None, non_blocking: bool = False, **_: Any
+    ):
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
@@ -217,7 +225,9 @@ class DeSAMPrepareBatch:
             target: Any = (label, to(batch["iou_target"]))
         else:
             s = float(self.input_size)
-            kwargs = {"boxes": torch.tensor([[0.0, 0.0, s, s]], device=label.device).expand(len(label), 4)}
+            kwargs = {
+                "boxes": torch.tensor([[0.0, 0.0, s, s]], device=label.device).expand(len(label), 4)
+            }
             target = label
         if self.logits_only:
             kwargs["return_iou"] = False
@@ -336,7 +346,10 @@ def evaluate_cases(
     site_rows.append(["all", len(all_d), f"{np.mean(all_d):.6f}", f"{np.std(all_d):.6f}"])
     _write_csv(out / "metrics_per_case.csv", rows)
     _write_csv(out / "metrics_per_site.csv", site_rows)
-    logger.info(f"prostate evaluation ({mode}): Dice {summary['test_dice']:.4f}, per site {summary['sites']}")
+    logger.info(
+        f"prostate evaluation ({mode}): Dice {summary['test_dice']:.4f}, "
+        f"per site {summary['sites']}"
+    )
     if mlflow_run is not None and getattr(mlflow_run, "enabled", False):
         client, run_id = mlflow_run.client, mlflow_run.run_id
         client.log_metric(run_id, "test_dice", summary["test_dice"])

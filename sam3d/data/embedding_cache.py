@@ -268,7 +268,7 @@ class EmbeddingCache:
             feats = torch.cat([m.detach().float().cpu() for m in maps], dim=1).numpy()
             if feats.shape[1:] != self.row_shape:
                 raise Sam3DError(f"encoder maps {feats.shape[1:]} do not fit {self.row_shape}")
-            for j, (row, _, label, digest) in enumerate(todo):
+            for j, (row, _, label, _) in enumerate(todo):
                 self._features[row] = feats[j].astype(self.dtype)
                 self._labels[row] = label
             self._features.flush()
@@ -285,7 +285,9 @@ class EmbeddingCache:
             image, label = load_input(row)
             image, label = np.ascontiguousarray(image), np.ascontiguousarray(label, np.uint8)
             if label.shape != self.label_shape:
-                raise Sam3DError(f"label of {self.keys[row]} is {label.shape}, not {self.label_shape}")
+                raise Sam3DError(
+                    f"label of {self.keys[row]} is {label.shape}, not {self.label_shape}"
+                )
             digest = hashlib.sha1(image.tobytes() + label.tobytes()).hexdigest()
             state = self.status(row, digest)
             if state == "ok":
@@ -355,7 +357,9 @@ class CachedSliceDataset(torch.utils.data.Dataset):
         }
 
 
-def sample_training_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int], bool]:
+def sample_training_point(
+    mask: np.ndarray, rng: np.random.Generator
+) -> tuple[tuple[int, int], bool]:
     """One ``(row, col)`` pixel of ``mask`` (H x W bool): foreground or background with
     probability 1/2 each (whichever exists when the other is empty); and whether it is inside."""
     fg = rng.random() < 0.5

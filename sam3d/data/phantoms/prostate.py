@@ -170,7 +170,8 @@ def make_prostate_phantom(
 
         img = gaussian_filter(img, (style["blur_vox"], style["blur_vox"], 0))
     sigma = style["noise"]
-    img = np.sqrt((img + sigma * rng.standard_normal(shape)) ** 2 + (sigma * rng.standard_normal(shape)) ** 2)  # fmt: skip
+    real = img + sigma * rng.standard_normal(shape)
+    img = np.sqrt(real**2 + (sigma * rng.standard_normal(shape)) ** 2)  # Rician magnitude
     img = (img * style["scale"]).astype(np.float32)
     affine = make_affine(spacing, shape, "RAS")
     return ProstatePhantom(img, label, affine, spacing, site, (a, b, c))

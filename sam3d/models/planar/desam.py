@@ -120,7 +120,7 @@ class TapBranch(nn.Module):
 
 
 class UpStage(nn.Module):
-    """U-Net up step: transposed conv ``in -> out`` (x2), concat the skip, block ``2 out -> out``."""
+    """U-Net up step: transposed conv ``in -> out`` (x2), concat the skip, ``2 out -> out``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -307,9 +307,14 @@ class DeSAM(nn.Module):
     # ------------------------------------------------------------------ frozen part
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``B x 3 x S x S`` pixels 0..255 -> normalised (SAM's mean / std); the side must be S."""
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (
-            self.img_size,
-            self.img_size,
+        if (
+            images.ndim != 4
+            or images.shape[1] != 3
+            or tuple(images.shape[-2:])
+            != (
+                self.img_size,
+                self.img_size,
+            )
         ):
             raise Sam3DError(
                 f"expected images B x 3 x {self.img_size} x {self.img_size}, "
@@ -472,7 +477,7 @@ class DeSAM(nn.Module):
 
     # ------------------------------------------------------------------ bookkeeping
     def parameter_counts(self) -> dict[str, int]:
-        """``mask_decoder`` (all, as the reference counts), its parts, ``trainable``, ``encoder``."""
+        """``mask_decoder`` (all, as the reference counts), its parts, ``trainable``, encoders."""
 
         def n(m: nn.Module, trainable: bool = False) -> int:
             return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
