@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam3d.apps.prostate import case_slices, cached_slices, evaluate_cases, prostate_datalist
+from sam3d.apps.prostate import cached_slices, case_slices, evaluate_cases, prostate_datalist
 from sam3d.data.embedding_cache import EmbeddingCache, encoder_fingerprint
 from sam3d.losses import DeSAMLoss
 from sam3d.models.planar.desam import DeSAM, build_desam, desam_preset, select_grid_mask
@@ -173,8 +173,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         )  # fmt: skip
         u8 = images.to(torch.uint8).cpu().numpy()
         lab = target[:, 0].to(torch.uint8).cpu().numpy()
-        cache.build(lambda i: (u8[i], lab[i]), lambda b: model.encode(
-            model.preprocess(torch.as_tensor(b, device=device).float())), progress=False)  # fmt: skip
+
+        def encode(b):
+            return model.encode(model.preprocess(torch.as_tensor(b, device=device).float()))
+
+        cache.build(lambda i: (u8[i], lab[i]), encode, progress=False)
         # the encoder is not needed any more: free it, as a cached training does
         model.image_encoder.to("meta")
         gc.collect()
@@ -241,8 +244,8 @@ def part_memory(args: argparse.Namespace) -> dict:
           f"device {args.device} (median of {args.steps} steps; shared machine)")  # fmt: skip
     print(f"{'variant':18s} {'step s':>8s} {'peak GiB':>9s} {'time x':>7s} {'mem x':>6s}")
     for r in rows:
-        print(f"{r['variant']:18s} {r['step_s']:8.3f} {r['peak_gib']:9.3f} "
-              f"{r['step_s'] / ref['step_s']:7.3f} {r['peak_gib'] / ref['peak_gib']:6.3f}")  # fmt: skip
+        t, m = r["step_s"] / ref["step_s"], r["peak_gib"] / ref["peak_gib"]
+        print(f"{r['variant']:18s} {r['step_s']:8.3f} {r['peak_gib']:9.3f} {t:7.3f} {m:6.3f}")
     sizes = {}
     for preset, width in (("vit_b", 768), ("vit_h", 1280)):
         sizes[preset] = (3 * width + 256) * 64 * 64 * 2

@@ -227,7 +227,11 @@ def write_prostate_dataset(
 
 
 def save_site_preview(
-    path: str | Path, seed: int = 0, sites: Sequence[str] = tuple(SITES), **kwargs: Any
+    path: str | Path,
+    seed: int = 0,
+    sites: Sequence[str] = tuple(SITES),
+    dpi: int = 110,
+    **kwargs: Any,
 ) -> Path:
     """PNG of the middle slice of one anatomy (``seed``) at every site, side by side, the
     prostate outlined; each panel in its own intensity range and physical size."""
@@ -252,6 +256,6 @@ def save_site_preview(
         ax.axis("off")
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path
