@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sam3d.data.embedding_cache import CachedSliceDataset, EmbeddingCache, encoder_fingerprint
-from sam3d.data.io import atomic_write, load_image, load_image_label
+from sam3d.data.io import atomic_write, load_image, load_image_label, nifti_stem
 from sam3d.data.splits import carve, check_disjoint
 from sam3d.errors import Sam3DError
 
@@ -154,7 +154,7 @@ def case_slices(
     image, label = load_image_label(case["image"], case["label"])
     vol = volume_to_uint8(image[0].numpy())
     lab = label[0].numpy()
-    stem = Path(case["image"]).name.removesuffix(".gz").removesuffix(".nii")
+    stem = nifti_stem(case["image"])
     out = []
     for k in range(vol.shape[2]):
         if gt_only and not (lab[:, :, k] > 0).any():
@@ -266,10 +266,6 @@ def segment_volume(
     return out
 
 
-def _stem(path: str | Path) -> str:
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
-
-
 def segment_files(
     network: torch.nn.Module,
     paths: Sequence[str | Path],
@@ -287,7 +283,7 @@ def segment_files(
     written = []
     for p, img in zip(paths, images):
         mask = segment_volume(network, img[0].numpy(), mode, batch_size, **grid_kwargs)
-        written.append(save_mask(mask, Path(output_dir) / f"{_stem(p)}_mask.nii.gz", str(p)))
+        written.append(save_mask(mask, Path(output_dir) / f"{nifti_stem(p)}_mask.nii.gz", str(p)))
         logger.info(f"prostate: {p} -> {written[-1]} ({int(mask.sum())} voxels)")
     return written
 
@@ -334,7 +330,7 @@ def evaluate_cases(
             ks = np.flatnonzero(gt.any(axis=(0, 1)))
             pred, gt = pred[:, :, ks], gt[:, :, ks]
         d = dice_3d(pred, gt)
-        rows.append([_stem(case["image"]), case["site"], f"{d:.6f}"])
+        rows.append([nifti_stem(case["image"]), case["site"], f"{d:.6f}"])
         per_site.setdefault(case["site"], []).append(d)
     all_d = [d for v in per_site.values() for d in v]
     site_rows: list[list[Any]] = [["site", "n", "dice_mean", "dice_std"]]
