@@ -204,7 +204,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         if name == "live_sam_decoder":
             out = net.decode(feats[3], points, labels)
         else:
-            out = model(feats, points, labels)
+            out = model(feats, points, labels, return_iou=True)
         opt.zero_grad(set_to_none=True)
         loss_fn(out, (target, iou_t)).backward()
         opt.step()
@@ -300,7 +300,7 @@ def part_sites(args: argparse.Namespace) -> dict:
 
     def desam_step(i):
         feats, pts, lab, iou = batches[i]
-        out = model(feats, pts, torch.ones(len(pts), 1, device=device))
+        out = model(feats, pts, torch.ones(len(pts), 1, device=device), return_iou=True)
         opt.zero_grad()
         loss_fn(out, (lab, iou)).backward()
         opt.step()

@@ -119,7 +119,7 @@ def test_only_the_mask_decoder_gets_gradients(tiny):
     model = build_desam(**TINY).train()
     feats = model.encode(model.preprocess(_images(2)))
     pts = torch.tensor([[[30.0, 30.0]], [[100.0, 70.0]]])
-    logits, iou = model(feats, pts, torch.ones(2, 1))
+    logits, iou = model(feats, pts, torch.ones(2, 1), return_iou=True)
     target = torch.zeros_like(logits)
     target[..., 5:15, 5:15] = 1
     DeSAMLoss()((logits, iou), (target, torch.tensor([[1.0], [0.0]]))).backward()
@@ -359,7 +359,7 @@ def test_training_from_the_cache_equals_training_on_live_encoder_outputs(tiny, t
             pts = torch.stack([prompts[r]["points"] for r in rows])
             target = torch.stack([prompts[r]["label"] for r in rows])
             iou_t = torch.stack([prompts[r]["iou_target"] for r in rows])
-            out = model(feats, pts, torch.ones(2, 1))
+            out = model(feats, pts, torch.ones(2, 1), return_iou=True)
             opt.zero_grad()
             loss_fn(out, (target, iou_t)).backward()
             opt.step()

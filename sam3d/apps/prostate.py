@@ -201,9 +201,10 @@ def cached_slices(
 class DeSAMPrepareBatch:
     """``prepare_batch`` for MONAI engines over :class:`CachedSliceDataset` batches.
 
-    Returns ``(features, (label, iou_target), (), prompt kwargs)``: ``mode="points"`` the
-    item's training point; ``mode="box"`` the whole-image box (then no IoU target, as the
-    reference). ``logits_only`` adds ``return_iou=False`` (evaluators' postprocessing).
+    Returns ``(features, target, (), prompt kwargs)``: ``mode="points"`` the item's
+    training point, the target ``(label, iou_target)`` and ``return_iou=True``;
+    ``mode="box"`` the whole-image box (the network's default prompt; no IoU term, as the
+    reference), target ``label``. ``logits_only``: logits and ``label`` only (evaluators).
     """
 
     def __init__(self, mode: str = "points", input_size: int = 1024, logits_only: bool = False):
@@ -220,19 +221,14 @@ class DeSAMPrepareBatch:
         feats = [to(f) for f in batch["features"]]
         label = to(batch["label"])
         kwargs: dict[str, Any] = {}
+        if self.mode == "points" and not self.logits_only:
+            kwargs = {"points": to(batch["points"]), "point_labels": to(batch["point_labels"])}
+            return feats, (label, to(batch["iou_target"])), (), {**kwargs, "return_iou": True}
         if self.mode == "points":
             kwargs = {"points": to(batch["points"]), "point_labels": to(batch["point_labels"])}
-            target: Any = (label, to(batch["iou_target"]))
-        else:
-            s = float(self.input_size)
-            kwargs = {
-                "boxes": torch.tensor([[0.0, 0.0, s, s]], device=label.device).expand(len(label), 4)
-            }
-            target = label
-        if self.logits_only:
-            kwargs["return_iou"] = False
-            target = label
-        return feats, target, (), kwargs
+        else:  # the whole-image box: the network's default prompt
+            kwargs = {}
+        return feats, label, (), kwargs
 
 
 # --------------------------------------------------------------------------- volumes

@@ -384,14 +384,21 @@ class DeSAM(nn.Module):
 
     def forward(
         self,
-        features: Features,
+        x: Features | torch.Tensor,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
-        return_iou: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Training / evaluation call on (cached or live) features: see :meth:`decode`;
-        ``return_iou=False`` returns the logits alone (for evaluators' postprocessing)."""
+        return_iou: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``N x 1 x S/4 x S/4`` (and the IoU ``N x 1`` with ``return_iou``).
+
+        ``x``: the four maps of B images (cached or from :meth:`encode`), or the images
+        themselves, ``B x 3 x S x S`` pixels 0..255 (encoded here). Without a prompt, the
+        whole-image box is used (automatic, one prompt per image). See :meth:`decode`.
+        """
+        features = self.encode(self.preprocess(x)) if isinstance(x, torch.Tensor) else x
+        if points is None and boxes is None:
+            boxes = self.whole_box(features[3].shape[0], features[3].device)
         logits, iou = self.decode(features, points, point_labels, boxes)
         return (logits, iou) if return_iou else logits
 
@@ -536,9 +543,10 @@ def select_grid_mask(
 
 
 def desam_preset(name: str | os.PathLike) -> dict[str, Any]:
-    """A DeSAM preset of ``configs/desam/`` (``vit_b``, ``vit_h``, ``tiny``) as builder kwargs."""
-    spec = read_preset("desam", name)
-    return {k: v for k, v in spec.items() if k not in ("name", "note")}
+    """A DeSAM preset of ``configs/desam/`` as builder kwargs: ``vit_b`` (the reference's),
+    ``vit_h`` (the paper's), ``tiny`` (CPU tests: the tiny random SAM has two global
+    blocks, so its taps are blocks 0-2; 256 input, logits 64 x 64)."""
+    return dict(read_preset("desam", name))
 
 
 def build_desam(
