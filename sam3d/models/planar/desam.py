@@ -418,7 +418,7 @@ class DeSAM(nn.Module):
         self,
         features: Features,
         n_per_side: int = 9,
-        points_per_batch: int = 81,
+        points_per_batch: int = 27,
         iou_threshold: float = 0.5,
         min_region_px: int = 1000,
     ) -> tuple[torch.Tensor, torch.Tensor]:
