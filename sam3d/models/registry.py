@@ -62,6 +62,9 @@ register_model(
         presets="topolora",
     )
 )
+register_model(
+    ModelKind("desam", "planar", "sam3d.models.planar.desam:build_desam", "DeSAM", presets="desam")
+)
 
 
 def model_kinds() -> list[str]:

@@ -1,5 +1,6 @@
-"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`) and
-fundus-like vessel images (:mod:`.vessels`), written as MSD-style datasets."""
+"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`),
+fundus-like vessel images (:mod:`.vessels`) and multi-site prostate MRI
+(:mod:`.prostate`), written as MSD-style datasets."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ from sam3d.data.phantoms.ct import (
     T,
     make_ct_phantom,
 )
+from sam3d.data.phantoms.prostate import (
+    SITES,
+    ProstatePhantom,
+    make_prostate_phantom,
+    save_site_preview,
+    write_prostate_dataset,
+)
 from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
 from sam3d.data.splits import carve
 from sam3d.errors import Sam3DError
@@ -38,22 +46,27 @@ __all__ = [
     "LESION_CONTRAST_HU",
     "LESION_DIAMETER_MM",
     "ORIENTATIONS",
+    "SITES",
     "T",
     "TISSUES",
     "TISSUE_HU",
     "CTPhantom",
     "Lesion",
+    "ProstatePhantom",
     "VesselPhantom",
     "_rotation",
     "case_seed",
     "make_affine",
     "make_ct_phantom",
+    "make_prostate_phantom",
     "make_vessel_phantom",
     "save_nifti",
     "save_png",
+    "save_site_preview",
     "smooth_field",
     "split_cases",
     "write_phantom_dataset",
+    "write_prostate_dataset",
 ]
 
 
