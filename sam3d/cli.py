@@ -7,11 +7,17 @@ Every subcommand is a small function over the library; a :class:`Sam3DError`
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sam3d.errors import Sam3DError
+from sam3d.errors import Sam3DError, find_user_error
+
+# Options whose value is a comma-separated point: "-42.5,17,-310.2" is a value, not an
+# option, although argparse would take it for one (it knows only "-5", "-.5" as numbers).
+_POINT_OPTIONS = ("--click", "--negative")
+_NUMBER_LIST = re.compile(r"^-\s*[0-9.]")
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> None:
@@ -79,6 +85,24 @@ def _point(text: str) -> tuple[float, float, float]:
     return point  # type: ignore[return-value]
 
 
+def _join_negative_points(argv: Sequence[str]) -> list[str]:
+    """``--click -1,2,3`` -> ``--click=-1,2,3`` so that negative coordinates work as written."""
+    out: list[str] = []
+    it = iter(argv)
+    for tok in it:
+        if tok in _POINT_OPTIONS:
+            nxt = next(it, None)
+            if nxt is not None and _NUMBER_LIST.match(nxt):
+                out.append(f"{tok}={nxt}")
+                continue
+            out.append(tok)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(tok)
+    return out
+
+
 def _growth(args: argparse.Namespace):
     from sam3d.inference import WindowGrowth
 
@@ -86,7 +110,7 @@ def _growth(args: argparse.Namespace):
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
-    from sam3d.inference.segment import segment_file
+    from sam3d.inference.segment import intensity_note, segment_file
 
     session = segment_file(
         args.image,
@@ -98,7 +122,13 @@ def _cmd_segment(args: argparse.Namespace) -> None:
         preview=args.preview,
         device=args.device,
         growth=_growth(args),
+        dataset=args.dataset,
     )
+    note, warning = intensity_note(session)
+    source = "--dataset" if args.dataset else "the checkpoint"
+    print(f"{note} (from {source})")
+    if warning:
+        print(f"sam3d segment: warning: {warning}", file=sys.stderr)
     n = int(session.mask_numpy().sum())
     print(
         f"wrote {args.out} ({n} tumour voxels)" + (f" and {args.preview}" if args.preview else "")
@@ -214,8 +244,15 @@ def _add_growth_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal (no usage block): ``sam3d segment: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam3d", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sam3d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="generate a synthetic dataset with an MSD dataset.json")
@@ -270,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
     p.add_argument("--out", required=True, type=Path, help="output mask .nii.gz")
     p.add_argument("--preview", type=Path, help="also write a PNG preview (three slices)")
+    p.add_argument(
+        "--dataset",
+        help="intensity preset (kits, lits, pancreas, colon or a JSON file; default: the "
+        "checkpoint's)",
+    )
     _add_growth_args(p)
     p.set_defaults(func=_cmd_segment)
 
@@ -329,16 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_join_negative_points(argv))
     try:
         args.func(args)
-    except Sam3DError as e:
-        print(f"sam3d {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print(f"sam3d {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        user = find_user_error(e)  # also when MONAI or ignite wrapped it
+        if user is None and isinstance(e, OSError) and e.filename is not None:
+            user = Sam3DError(f"cannot access {str(e.filename)[:120]}: {e.strerror or e}")
+        if user is None:
+            raise
+        print(f"sam3d {args.command}: error: {_one_line(user)}", file=sys.stderr)
+        return user.exit_code
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
   channel; ours keeps the reference's batch-global sums and works on 2D and 3D.)
 - :class:`BCEDiceClDiceLoss`: BCE + soft Dice + lambda * soft clDice on one sigmoid
   channel (TopoLoRA-SAM: weights 1, 1, 0.5; 10 skeleton iterations).
+- :class:`DeSAMLoss`: DeSAM's Dice + CE (sigmoid) on the mask plus lambda * L1 (or MSE)
+  between predicted and target IoU; no IoU term for whole-box prompts.
 - ``DiceCELoss``: MONAI's Dice + cross-entropy, re-exported for the volumetric path
   (3DSAM-adapter trains with Dice + CE on the two-class softmax output).
 """
@@ -21,7 +23,7 @@ from monai.networks import one_hot
 
 from sam3d.errors import Sam3DError
 
-__all__ = ["BCEDiceClDiceLoss", "DiceCELoss", "SoftClDiceLoss", "soft_skeleton"]
+__all__ = ["BCEDiceClDiceLoss", "DeSAMLoss", "DiceCELoss", "SoftClDiceLoss", "soft_skeleton"]
 
 
 def _soft_erode(x: torch.Tensor) -> torch.Tensor:
@@ -168,3 +170,28 @@ class BCEDiceLoss(torch.nn.Module):
         pw = torch.tensor(self.pos_weight, dtype=input.dtype, device=input.device)
         bce = F.binary_cross_entropy_with_logits(input, t, pos_weight=pw)
         return self.lambda_bce * bce + self.lambda_dice * self.dice(input, t)
+
+
+class DeSAMLoss(torch.nn.Module):
+    """``DiceCE(logits, mask) + lambda_iou * L1(iou_pred, iou_target)`` (the reference's).
+
+    ``pred`` is DeSAM's ``(logits N x 1 x s x s, iou N x 1)``; ``target`` the mask
+    ``N x 1 x s x s`` or ``(mask, iou_target N x 1)``; with no IoU target (whole-box
+    prompts) only DiceCE is computed. ``iou_loss``: ``"l1"`` (reference default) or ``"mse"``.
+    """
+
+    def __init__(self, lambda_iou: float = 1.0, iou_loss: str = "l1") -> None:
+        super().__init__()
+        if iou_loss not in ("l1", "mse"):
+            raise Sam3DError(f"iou_loss must be 'l1' or 'mse', got {iou_loss!r}")
+        self.dicece = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+        self.lambda_iou, self.iou_loss = float(lambda_iou), iou_loss
+
+    def forward(self, pred, target) -> torch.Tensor:
+        logits, iou = pred if isinstance(pred, (tuple, list)) else (pred, None)
+        mask, iou_target = target if isinstance(target, (tuple, list)) else (target, None)
+        loss = self.dicece(logits.float(), mask.float())
+        if iou is not None and iou_target is not None and self.lambda_iou:
+            fn = F.l1_loss if self.iou_loss == "l1" else F.mse_loss
+            loss = loss + self.lambda_iou * fn(iou.float(), iou_target.float().view_as(iou))
+        return loss

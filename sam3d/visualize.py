@@ -55,6 +55,7 @@ def overlay_figure(
     title: str | None = None,
 ):
     """The matplotlib Figure behind :func:`save_overlay_png` (arguments alike)."""
+    from matplotlib import colors as matplotlib_colors
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -107,9 +108,16 @@ def overlay_figure(
             m2d = mask[tuple(sl)]
             for value in [v for v in np.unique(m2d) if v > 0]:
                 color = _LABEL_COLORS[(int(value) - 1) % len(_LABEL_COLORS)]
-                ax.contour(
-                    (m2d == value).T.astype(float), levels=[0.5], colors=[color], linewidths=1.2
-                )
+                inside = (m2d == value).T.astype(float)
+                if min(inside.shape) < 2:  # a 1-voxel-thick panel has no outline: tint it
+                    tint = np.zeros((*inside.shape, 4))
+                    tint[..., :3] = matplotlib_colors.to_rgb(color)
+                    tint[..., 3] = 0.5 * inside
+                    ax.imshow(
+                        tint, origin="lower", aspect=sp[vax] / sp[hax], interpolation="nearest"
+                    )
+                    continue
+                ax.contour(inside, levels=[0.5], colors=[color], linewidths=1.2)
         for p, lab in zip(points, labels):
             if lab < 0 or abs(p[fixed] - c[fixed]) > 1.0:
                 continue  # padding, or not on (next to) this slice

@@ -3,17 +3,29 @@
 Reading goes through MONAI's ``LoadImage`` (NibabelReader for NIfTI), channel
 first, in the file's own orientation, and refuses anything that would only
 fail later with a confusing traceback: a missing or unreadable file, a
-truncated or corrupt NIfTI, an image that is not one 3D volume, a header
-without a valid voxel geometry, NaN/Inf voxels, an image/label pair on
-different voxel grids. Each ends in one
-:class:`~sam3d.errors.Sam3DError` sentence.
+truncated or corrupt NIfTI (a ``.gz`` stream is verified to its CRC and length),
+complex or RGB voxels, an image that is not one 3D volume, a header without a
+valid voxel geometry (singular, voxel size 0 with no sform, absurd voxel sizes),
+NaN/Inf voxels, an image/label pair on different voxel grids, and the other
+formats nibabel knows (MGH/MGZ, MINC, PAR/REC, Analyze) as "unsupported, convert
+to NIfTI". Each ends in one :class:`~sam3d.errors.Sam3DError` sentence; nibabel's
+own log lines about a header are captured, not printed.
+:func:`check_grid_size` refuses a resampling whose grid would be too large before
+anything is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import gzip
+import logging
+import math
 import os
 import tempfile
-from collections.abc import Callable
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +41,55 @@ AFFINE_TOLERANCE_MM = 1e-3
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")  # longest first, for stripping
+# Formats nibabel reads that sam3d does not (the mask is written with the input's NIfTI
+# header): named, so they are never called corrupt.
+OTHER_FORMATS = {
+    ".mgh": "MGH",
+    ".mgz": "MGZ (FreeSurfer)",
+    ".mnc": "MINC",
+    ".mnc.gz": "MINC",
+    ".par": "Philips PAR/REC",
+    ".rec": "Philips PAR/REC",
+    ".hdr": "Analyze",
+    ".img": "Analyze",
+    ".img.gz": "Analyze",
+}
+# No scanner makes voxels outside this range (mm); beyond it a header is wrong.
+VOXEL_SIZE_RANGE_MM = (1e-2, 50.0)
+# The largest grid a volume may be resampled to: 2**29 voxels (2 GiB as float32), above a
+# whole-body CT at 1 mm (~500 x 500 x 1800 = 4.5e8).
+MAX_GRID_VOXELS = 2**29
+_GZIP_CHUNK = 1 << 22
+
+
+TEMP_MARK = ".sam3d-tmp-"
+
+
+def _suffix(name: str) -> str:
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _temp_for(path: Path) -> Path:
+    """A fresh temporary file beside ``path``: ``.<name>.sam3d-tmp-XXXX<suffix>``.
+
+    The name keeps the target's suffix (writers pick a format from it) and is shortened
+    so that it fits the file system's name limit whenever the target's name does.
+    """
+    stem = path.name[: max(1, 255 - len(TEMP_MARK) - 16 - len(_suffix(path.name)))]
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{stem}{TEMP_MARK}", suffix=_suffix(path.name), dir=path.parent
+    )
+    os.close(fd)
+    return Path(tmp)
+
+
+def leftover_temporaries(path: str | Path) -> list[Path]:
+    """Temporary files of :func:`atomic_write` for ``path`` left by a killed writer."""
+    path = Path(path)
+    stem = path.name[: max(1, 255 - len(TEMP_MARK) - 16 - len(_suffix(path.name)))]
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{glob.escape(stem)}{TEMP_MARK}*"))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -36,21 +97,40 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The temporary name keeps the target's suffix (``.nii.gz``, ``.png``) so writers
     that pick a format from the name work. On any error the temporary file is removed
-    and nothing is left at ``path``.
+    and nothing is left at ``path``. A ``path`` that is itself one of these temporaries
+    (a writer called by :func:`commit_outputs`) is written in place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    if TEMP_MARK in path.name:
+        write(path)
+        return path
+    return commit_outputs({path: write})[0]
+
+
+def commit_outputs(writers: dict[str | Path, Callable[[Path], None]]) -> list[Path]:
+    """Write several files all or none: each to a temporary beside it, then all moved in.
+
+    ``writers`` maps each target path to ``write(tmp)``. If any writer fails, every
+    temporary is removed and no target is touched; the moves come only after all
+    writes succeeded (a kill between two moves leaves the first output without the
+    second, which callers that resume treat as not done).
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        for target, write in writers.items():
+            target = Path(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_for(target)
+            staged.append((tmp, target))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        for tmp, target in staged:
+            os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+    return [target for _, target in staged]
 
 
 def spacing_from_affine(affine) -> tuple[float, ...]:
@@ -100,6 +180,153 @@ def _is_nifti(path: Path) -> bool:
     return is_nifti_name(path)
 
 
+def _other_format(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix, fmt in OTHER_FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+@contextlib.contextmanager
+def captured_library_logs() -> Iterator[list[str]]:
+    """Collect what nibabel logs or warns (header fixes, oddities) instead of printing it.
+
+    Yields the list the messages are appended to; a refusal is then one line, and an
+    accepted file's notes go to the ``sam3d.data`` debug log.
+    """
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    # nibabel logs header fixes to "nibabel.global", which has its own stderr handler
+    loggers = [logging.getLogger(n) for n in ("nibabel", "nibabel.global")]
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in loggers]
+    handler = _Collect()
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+        for m in messages:
+            logging.getLogger("sam3d.data").debug(m)
+
+
+def verify_gzip(path: str | Path) -> None:
+    """Read a ``.gz`` file to its end so that zlib checks the CRC-32 and the length.
+
+    Nibabel stops reading once it has the voxels it needs and never reaches the
+    trailer, so a flipped bit in the data would otherwise pass unnoticed.
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(_GZIP_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        text = str(e)
+        if isinstance(e, EOFError) or "end-of-stream" in text:
+            why = "the file is truncated"
+        elif "CRC" in text or "length" in text.lower():
+            why = f"its gzip check failed ({text}): the file is corrupt"
+        else:
+            why = f"it is not a valid gzip stream ({text}): the file is corrupt"
+        raise Sam3DError(f"cannot read {path} as an image: {why}") from None
+
+
+def _raw_nifti_header(path: Path):
+    """The header as stored (nibabel's loader silently fixes pixdim 0 to 1 mm)."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f, captured_library_logs():
+        head = f.read(4)
+        f.seek(0)
+        two = 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+        cls = nib.Nifti2Header if two else nib.Nifti1Header
+        return cls.from_fileobj(f, check=False)
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Refuse voxel types and geometry that MONAI would accept and silently change."""
+    try:
+        header = _raw_nifti_header(path)
+        dtype = header.get_data_dtype()
+    except Exception:  # unreadable: the loader reports it
+        return
+    if dtype.kind == "c":
+        raise Sam3DError(
+            f"{path} holds complex-valued voxels ({dtype}); save the magnitude as a real image"
+        )
+    if dtype.kind == "V" or dtype.names:
+        raise Sam3DError(f"{path} holds RGB / structured voxels ({dtype}); a grey volume is needed")
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
+    if int(header["sform_code"]) == 0 and any(not math.isfinite(v) or v == 0 for v in pixdim):
+        raise Sam3DError(
+            f"{path} has voxel size {tuple(pixdim)} mm in its header (pixdim) and no sform: "
+            "its voxel geometry is unknown; fix the header"
+        )
+
+
+def check_voxel_sizes(path: str | Path, affine) -> None:
+    """Refuse voxel sizes no scanner makes (outside ``VOXEL_SIZE_RANGE_MM``)."""
+    lo, hi = VOXEL_SIZE_RANGE_MM
+    sizes = spacing_from_affine(affine)
+    if any(not (lo <= s <= hi) for s in sizes):
+        shown = ", ".join(f"{v:.3g}" for v in sizes)
+        raise Sam3DError(
+            f"{path} has voxel size ({shown}) mm in its header, outside {lo:g}..{hi:g} mm: "
+            "the header is wrong"
+        )
+
+
+def resampled_shape(
+    shape: Sequence[int], affine, spacing_mm: float | Sequence[float]
+) -> tuple[int, ...]:
+    """The voxel grid a volume ``shape`` with ``affine`` gets at ``spacing_mm`` (per axis,
+    before reorientation): ``ceil(n * voxel size / spacing)``, as MONAI's ``Spacingd``."""
+    sizes = spacing_from_affine(affine)[: len(shape)]
+    target = [float(spacing_mm)] * len(shape) if np.ndim(spacing_mm) == 0 else spacing_mm
+    out = []
+    for n, s, t in zip(shape, sizes, [float(v) for v in target]):
+        v = n * s / t
+        out.append(int(math.ceil(v - 1e-6)) if math.isfinite(v) else 2**63)
+    return tuple(max(1, v) for v in out)
+
+
+def check_grid_size(
+    path: str | Path,
+    shape: Sequence[int],
+    affine,
+    spacing_mm: float | Sequence[float],
+    max_voxels: int = MAX_GRID_VOXELS,
+) -> tuple[int, ...]:
+    """Raise :class:`Sam3DError` if resampling to ``spacing_mm`` would exceed ``max_voxels``.
+
+    Computed from the header alone, before any allocation. Returns the grid shape.
+    """
+    grid = resampled_shape(shape, affine, spacing_mm)
+    n = math.prod(grid)
+    if n > max_voxels:
+        sizes = ", ".join(f"{v:.3g}" for v in spacing_from_affine(affine))
+        raise Sam3DError(
+            f"{path}: resampling its {tuple(int(v) for v in shape)} voxels of ({sizes}) mm to "
+            f"{spacing_mm} mm would make {n:.3g} voxels (limit {max_voxels:.3g}); "
+            "check the header's voxel size"
+        )
+    return grid
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, EOFError) or "end-of-stream" in str(e) or "truncated" in str(e).lower():
         return "the file is truncated"
@@ -107,7 +334,7 @@ def _describe(e: BaseException) -> str:
         return "permission denied"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "cannot find a suitable reader" in msg:
-        return "not a readable image format, or the file is corrupt"
+        return "not an image format sam3d reads (NIfTI .nii / .nii.gz)"
     return msg[:200]
 
 
@@ -121,7 +348,8 @@ def _check_geometry(path: Path, affine) -> None:
     if _is_nifti(path):
         import nibabel as nib
 
-        affines.append(np.asarray(nib.load(str(path)).affine, dtype=float))
+        with captured_library_logs():
+            affines.append(np.asarray(nib.load(str(path)).affine, dtype=float))
     for a in affines:
         linear = a[:3, :3]
         if not np.isfinite(a).all() or abs(np.linalg.det(linear)) < 1e-9:
@@ -129,6 +357,15 @@ def _check_geometry(path: Path, affine) -> None:
             raise Sam3DError(
                 f"{path} has no valid voxel geometry in its header (voxel size {sizes} mm)"
             )
+        check_voxel_sizes(path, a)
+    # MONAI rebuilds the affine from pixdim when the two disagree; the mask is written with
+    # the header's own affine, so such a header would be processed on another grid
+    if len(affines) == 2 and not np.allclose(affines[0], affines[1], atol=AFFINE_TOLERANCE_MM):
+        sizes = [", ".join(f"{v:.3g}" for v in spacing_from_affine(a)) for a in affines]
+        raise Sam3DError(
+            f"{path} has an inconsistent header: pixdim gives voxel size ({sizes[0]}) mm, "
+            f"the sform/qform ({sizes[1]}) mm; fix the header"
+        )
 
 
 def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
@@ -149,14 +386,29 @@ def load_image(path: str | Path, require_3d: bool = True) -> MetaTensor:
         raise Sam3DError(f"{path} is a folder, not an image file")
     if not os.access(path, os.R_OK):
         raise Sam3DError(f"{path}: permission denied")
+    other = _other_format(path)
+    if other is not None:
+        raise Sam3DError(
+            f"{path}: unsupported format ({other}); convert it to NIfTI (.nii.gz), e.g. "
+            "nibabel.save(nibabel.load(src), 'image.nii.gz') or mri_convert"
+        )
     from monai.data import NibabelReader  # imported late: a bad path answers at once
     from monai.transforms import LoadImage
 
-    reader = NibabelReader() if _is_nifti(path) else None
+    nifti = _is_nifti(path)
+    if nifti:
+        if path.name.lower().endswith(".gz"):
+            verify_gzip(path)
+        _check_nifti_header(path)
+    reader = NibabelReader() if nifti else None
     try:
-        img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(path))
+        with captured_library_logs():
+            img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(path))
     except Exception as e:  # nibabel / zlib / MONAI raise many types for a bad file
-        raise Sam3DError(f"cannot read {path} as an image: {_describe(e)}") from e
+        why = _describe(e)
+        if nifti and "cannot find a suitable reader" in str(e):
+            why = "its NIfTI header is invalid (the file is corrupt, or not NIfTI)"
+        raise Sam3DError(f"cannot read {path} as an image: {why}") from None
     shape = tuple(img.shape)
     if require_3d:
         if img.ndim != 4:

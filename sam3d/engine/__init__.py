@@ -5,6 +5,7 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.checkpointing`: :class:`TrainingCheckpoint` (best ``model.pt``, resumable ``last.pt``);
 - :mod:`.clipping`: :class:`GradientClipping` (accumulation- and AMP-aware);
 - :mod:`.reporting`: :class:`CaseMetricsCSV`, :func:`save_executed_config`, :func:`checked`;
+- :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
   :class:`CentreClickNetwork`.
@@ -19,6 +20,7 @@ from sam3d.engine.clicks import (
 )
 from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
+from sam3d.engine.options import as_bool
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
@@ -30,6 +32,7 @@ __all__ = [
     "MLflowRun",
     "MLflowRunHandler",
     "TrainingCheckpoint",
+    "as_bool",
     "atomic_torch_save",
     "barrier",
     "checked",

@@ -11,6 +11,7 @@ import torch
 
 from sam3d.data.io import atomic_write
 from sam3d.engine.distributed import is_rank0, unwrap
+from sam3d.engine.options import as_bool
 from sam3d.errors import Sam3DError
 from sam3d.models.checkpoint import read_checkpoint, save_trained
 
@@ -52,8 +53,9 @@ class TrainingCheckpoint:
     - ``<ckpt_dir>/model.pt``: the trained-checkpoint format of every model
       (:func:`sam3d.models.checkpoint.save_trained`) of the epoch with the best
       ``key_metric``, read back by :func:`sam3d.models.checkpoint.load_trained`;
-    - ``<ckpt_dir>/last.pt``: network, optimizer, scheduler, epoch, iteration, best metric
-      and the MLflow run id, after every epoch.
+    - ``<ckpt_dir>/last.pt``: network, optimizer, scheduler, epoch, iteration, best metric,
+      the MLflow run id and the metrics not yet sent, after every epoch; the epoch's
+      metrics are sent only after it is written (no epoch lost or logged twice by a kill).
 
     Both are written atomically by rank 0 only. At the trainer's start, a resumable
     ``last.pt`` (see :func:`read_resume_state`) restores all of it on every rank.
@@ -77,7 +79,9 @@ class TrainingCheckpoint:
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.evaluator, self.key_metric = evaluator, key_metric
         self.preset, self.meta = preset, dict(meta or {})
-        self.mlflow_run, self.resume = mlflow_run, resume
+        self.mlflow_run, self.resume = mlflow_run, as_bool(resume, "resume")
+        if mlflow_run is not None:
+            mlflow_run.deferred = True  # metrics go out after last.pt holds them (see save)
         self.best_metric, self.best_epoch = -math.inf, 0
         self._validated: tuple[int, float] | None = None
 
@@ -115,6 +119,8 @@ class TrainingCheckpoint:
         trainer.state.iteration = int(state["iteration"])
         self.best_metric = float(state.get("best_metric", -math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))
+        if self.mlflow_run is not None and self.mlflow_run.enabled:
+            self.mlflow_run.restore(state.get("mlflow_pending"))
         logger.warning(
             f"resume: continuing from {self.last_path} after epoch {trainer.state.epoch} "
             f"(iteration {trainer.state.iteration}, best {self.key_metric} "
@@ -130,6 +136,7 @@ class TrainingCheckpoint:
         if not is_rank0():
             return
         epoch = int(trainer.state.epoch)
+        run = self.mlflow_run if self.mlflow_run is not None and self.mlflow_run.enabled else None
         sd = {k: v.detach().cpu() for k, v in unwrap(self.network).state_dict().items()}
         if self._validated is not None and self._validated[0] == epoch:
             value = self._validated[1]
@@ -161,6 +168,11 @@ class TrainingCheckpoint:
                 "mlflow_run_id": None if self.mlflow_run is None else self.mlflow_run.active_run_id,
                 "preset": self.preset,
                 "meta": self.meta,
+                # this epoch's metrics (and any the server did not take yet): a kill before
+                # they are sent loses nothing, a resume sends what the server lacks
+                "mlflow_pending": [] if run is None else run.snapshot(),
             },
             self.last_path,
         )
+        if run is not None:
+            run.flush()

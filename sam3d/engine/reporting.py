@@ -16,7 +16,7 @@ import torch
 
 from sam3d.data.io import atomic_write
 from sam3d.engine.distributed import is_rank0
-from sam3d.errors import Sam3DError
+from sam3d.errors import find_user_error
 
 logger = logging.getLogger("sam3d.engine")
 
@@ -25,18 +25,41 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
+class _DropUserErrorLogs(logging.Filter):
+    """Drops the log records an engine writes about an exception that is a user error
+    (ignite's "Engine run is terminating due to exception", a handler's traceback): the
+    user gets the one line of :func:`checked` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            return find_user_error(record.exc_info[1]) is None
+        return "run is terminating due to exception" not in str(record.msg)  # ignite's line
+
+
 def checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a :class:`Sam3DError` ends the program with its message and exit code 2.
 
-    Bundle configs wrap their start-up checks in this so that a user error (unreachable
-    tracking server, no dataset) prints one line instead of MONAI's nested traceback.
+    Bundle configs wrap their start-up checks and their engines' ``run`` in this so that
+    a user error (unreachable tracking server, no dataset, a corrupt image or checkpoint,
+    also when MONAI wrapped it in a transform error) prints one line instead of MONAI's
+    nested traceback. Other exceptions pass through unchanged.
     """
+    drop = _DropUserErrorLogs()
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(drop)
     try:
         return fn(*args, **kwargs)
-    except Sam3DError as e:
-        logger.error(f"error: {e}")
-        print(f"sam3d bundle: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None:
+            raise
+        text = " ".join(str(user).split())
+        print(f"sam3d bundle: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(user.exit_code) from None
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 class CaseMetricsCSV:

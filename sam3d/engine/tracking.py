@@ -1,19 +1,32 @@
-"""MLflow: one run per training, shared by the trainer's and evaluator's handlers."""
+"""MLflow: one run per training, shared by the trainer's and evaluator's handlers.
+
+Tracking never stops a training. Metrics are kept in :attr:`MLflowRun.pending` until
+they are sent; a training sends an epoch's metrics only *after* ``last.pt`` (which holds
+them) is written (:class:`~sam3d.engine.checkpointing.TrainingCheckpoint`), so a kill at
+any point neither loses an epoch nor logs one twice: a resumed run sends what ``last.pt``
+holds, skipping what the server already has. When the server is down, each attempt is
+bounded (MLflow's HTTP retries are capped), a warning is logged once per outage, and the
+metrics wait for the next attempt (after ``retry_interval_s``), the end of training, or
+the next start of the bundle.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
-from sam3d.engine.checkpointing import read_resume_state
+from sam3d.engine.checkpointing import atomic_torch_save, read_resume_state
 from sam3d.engine.distributed import is_rank0
+from sam3d.engine.options import as_bool
 from sam3d.errors import Sam3DError
 
 logger = logging.getLogger("sam3d.engine")
@@ -45,8 +58,9 @@ class MLflowRun:
         enabled: bool = True,
         default_store: str | Path = "eval/mlruns.db",
         timeout_s: float = 5.0,
+        retry_interval_s: float = 30.0,
     ) -> None:
-        self.enabled = bool(enabled) and is_rank0()
+        self.enabled = as_bool(enabled, "mlflow_enabled") and is_rank0()
         env = os.environ.get("MLFLOW_TRACKING_URI")
         uri = env or tracking_uri or path_to_sqlite_uri(os.path.abspath(str(default_store)))
         if uri.startswith("file:") or "://" not in uri:
@@ -60,8 +74,148 @@ class MLflowRun:
         self.resume_file = resume_file
         self.max_epochs = max_epochs
         self.timeout_s = float(timeout_s)
+        self.retry_interval_s = float(retry_interval_s)
         self._run_id: str | None = None
         self._client: Any = None
+        # metrics not yet sent: dicts {run_id, key, value, timestamp, step, checked}; checked
+        # False = it may have reached the server before a kill (look before sending)
+        self.pending: list[dict[str, Any]] = []
+        self.deferred = False  # a TrainingCheckpoint sends after writing last.pt
+        self._retry_at = 0.0
+        self._outage: str | None = None
+
+    # -- resilient calls ---------------------------------------------------------
+
+    def _bound_http_retries(self) -> None:
+        """Cap MLflow's HTTP retries (default: minutes of back-off) unless the user set them."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(self.timeout_s))))
+
+    @property
+    def offline(self) -> bool:
+        """True while the last attempt failed and the next is not due yet."""
+        return self._outage is not None and time.monotonic() < self._retry_at
+
+    def guard(self, what: str, fn: Callable[..., Any], *args: Any, force: bool = False, **kw: Any):
+        """``fn(*args, **kw)``; a tracking failure is logged (once per outage), never raised.
+
+        Returns ``(True, result)`` or ``(False, None)``; while :attr:`offline` (and not
+        ``force``), nothing is tried.
+        """
+        if self.offline and not force:
+            return False, None
+        pool = logging.getLogger("urllib3.connectionpool")  # one line per retry otherwise
+        level = pool.level
+        pool.setLevel(logging.ERROR)
+        try:
+            result = fn(*args, **kw)
+        except Exception as e:  # MlflowException, connection errors, HTTP errors
+            self._retry_at = time.monotonic() + self.retry_interval_s
+            if self._outage is None:
+                reason = " ".join(str(e).split())[:200]
+                logger.warning(
+                    f"mlflow: {what} failed ({type(e).__name__}: {reason}); training goes on, "
+                    f"metrics are kept and sent when {self.tracking_uri} answers again (at the "
+                    "latest at the end, or on resume)"
+                )
+            self._outage = what
+            return False, None
+        finally:
+            pool.setLevel(level)
+        return True, result
+
+    def record(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Keep metrics of ``step`` for sending (now, unless :attr:`deferred`)."""
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        ok, run_id = (
+            (True, self._run_id)
+            if self._run_id
+            else self.guard("opening the run", getattr, self, "run_id")
+        )
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue  # MONAI's default epoch log only sends numbers, too
+            self.pending.append(
+                {
+                    "run_id": run_id if ok else None,  # None: the run of this training
+                    "key": str(key),
+                    "value": value,
+                    "timestamp": now,
+                    "step": int(step),
+                    "checked": True,
+                }
+            )
+        if not self.deferred:
+            self.flush()
+
+    def restore(self, pending: Sequence[Mapping[str, Any]] | None) -> None:
+        """Take back metrics saved with a checkpoint; they may have been sent already."""
+        known = {(m["run_id"], m["key"], m["step"]) for m in self.pending}
+        for m in pending or []:
+            if (m["run_id"], m["key"], m["step"]) not in known:
+                self.pending.append({**dict(m), "checked": False})
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The unsent metrics as plain data (for ``last.pt``)."""
+        return [{k: v for k, v in m.items() if k != "checked"} for m in self.pending]
+
+    def flush(self, force: bool = False) -> bool:
+        """Send every pending metric; True when none is left. Never raises."""
+        if not self.enabled or not self.pending:
+            return True
+        n = len(self.pending)
+        ok, _ = self.guard("sending metrics", self._send_pending, force=force)
+        if ok and self._outage is not None:  # metrics reached the server: the outage is over
+            logger.warning(f"mlflow: {self.tracking_uri} answers again; sent {n} kept metrics")
+            self._outage = None
+        return ok
+
+    def _send_pending(self) -> None:
+        from mlflow.entities import Metric
+
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for m in self.pending:
+            if m["run_id"] is None:
+                m["run_id"] = self.run_id
+            by_run.setdefault(m["run_id"], []).append(m)
+        for run_id, items in by_run.items():
+            unchecked = {m["key"] for m in items if not m["checked"]}
+            have = {
+                (key, h.step)
+                for key in unchecked
+                for h in self.client.get_metric_history(run_id, key)
+            }
+            todo = [m for m in items if m["checked"] or (m["key"], m["step"]) not in have]
+            for i in range(0, len(todo), 500):  # the server's batch limit is 1000
+                batch = [
+                    Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                    for m in todo[i : i + 500]
+                ]
+                self.client.log_batch(run_id, metrics=batch, params=[], tags=[])
+            self.pending = [m for m in self.pending if m["run_id"] != run_id]
+
+    def _deliver_leftovers(self) -> None:
+        """Metrics a finished training could not send (kept in its ``last.pt``): send them."""
+        from sam3d.models.checkpoint import read_checkpoint
+
+        path = Path(self.resume_file) if self.resume_file else None
+        if path is None or not path.is_file():
+            return
+        state = read_checkpoint(path, "resume checkpoint")
+        left = state.get("mlflow_pending") if isinstance(state, dict) else None
+        if not left:
+            return
+        self.restore(left)
+        if self.flush(force=True) and read_resume_state(path, self.max_epochs) is None:
+            state["mlflow_pending"] = []  # finished training: nothing else will rewrite it
+            atomic_torch_save(state, path)
+            logger.warning(f"mlflow: sent {len(left)} metrics that {path} still held")
 
     @property
     def artifact_location(self) -> str | None:
@@ -70,9 +224,13 @@ class MLflowRun:
         return None
 
     def check(self) -> MLflowRun:
-        """Fail now, with a clear message, if the tracking store cannot be reached."""
+        """Fail now, with a clear message, if the tracking store cannot be reached or the
+        resume checkpoint cannot be read (a corrupt or pickled-code ``last.pt``)."""
+        if self.resume_file:
+            read_resume_state(self.resume_file, self.max_epochs)
         if not self.enabled:
             return self
+        self._bound_http_retries()
         if self.tracking_uri.startswith(("http://", "https://")):
             url = self.tracking_uri.rstrip("/") + "/health"
             try:
@@ -93,6 +251,7 @@ class MLflowRun:
             db = Path(self.tracking_uri[len("sqlite:///") :])
             db.parent.mkdir(parents=True, exist_ok=True)
         logger.info(f"mlflow: tracking into {self.tracking_uri} ({self.experiment_name!r})")
+        self._deliver_leftovers()
         return self
 
     @property
@@ -100,6 +259,7 @@ class MLflowRun:
         if self._client is None:
             import mlflow
 
+            self._bound_http_retries()
             env = os.environ.get("MLFLOW_TRACKING_URI")
             self._client = mlflow.MlflowClient(tracking_uri=None if env else self.tracking_uri)
         return self._client
@@ -164,5 +324,30 @@ class MLflowRunHandler(MLFlowHandler):
 
     def start(self, engine: Any) -> None:
         if self.cur_run is None:
-            self.cur_run = self.client.get_run(self.run.run_id)
-        super().start(engine)
+            ok, run = self.run.guard("opening the run", self.client.get_run, self.run.run_id)
+            if not ok:
+                return
+            self.cur_run = run
+        self.run.guard("logging parameters", super().start, engine)
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        from monai.utils import flatten_dict
+
+        self.run.record(flatten_dict(metrics), step or 0)
+
+    def complete(self) -> None:
+        # a training's metrics go out after last.pt (TrainingCheckpoint), not when its
+        # evaluator completes a validation; the end of training flushes in close()
+        if self.run.enabled and not self.run.deferred:
+            self.run.flush(force=True)
+        if self.cur_run is not None and self.artifacts:
+            self.run.guard("logging artifacts", super().complete, force=True)
+
+    def close(self) -> None:
+        if self.run.enabled:
+            self.run.flush(force=True)
+        if self.cur_run is not None:
+            self.run.guard("closing the run", super().close, force=True)
+            self.cur_run = None
+        else:
+            self._dispose_sqlite_store()

@@ -1,10 +1,11 @@
 """Batch mode: segment a folder or a datalist of volumes, sharded across ranks, resumable.
 
 Under ``torchrun`` every rank takes the cases ``i`` with ``i % WORLD_SIZE == RANK``
-(on ``cuda:LOCAL_RANK``). A case whose output already exists is skipped: outputs are
+(on ``cuda:LOCAL_RANK``). A case whose outputs all exist is skipped: outputs are
 written atomically, so an existing file is complete and an interrupted batch resumes
-where it stopped. Cases with ``points``/``point_labels`` (VISTA3D style, original
-voxel indices) are segmented from those clicks, the others in automatic mode.
+where it stopped (a mask without its preview is redone). Cases with
+``points``/``point_labels`` (VISTA3D style, original voxel indices) are segmented from
+those clicks, the others in automatic mode.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sam3d.data.io import is_nifti_name, nifti_stem
-from sam3d.errors import Sam3DError
+from sam3d.data.io import commit_outputs, is_nifti_name, leftover_temporaries, nifti_stem
+from sam3d.errors import Sam3DError, find_user_error
 from sam3d.inference.session import ClickSession
 from sam3d.inference.windows import WindowGrowth
 
@@ -116,8 +117,11 @@ def segment_batch(
 
     ``model`` must be on ``rank_device(device)`` (load it there).
 
-    A case that fails with a :class:`Sam3DError` (corrupt image, click outside it) is
-    recorded in the report and the batch goes on.
+    A case is done when all its outputs exist (the mask, and its PNG with ``previews``);
+    they are written together (:func:`sam3d.data.io.commit_outputs`), and temporaries
+    that a killed run left for this rank's cases are removed first. A case that fails
+    for any reason (corrupt image, click outside it, a model error) is recorded in the
+    report with one line and the batch goes on.
     """
     env_rank, env_world, _ = dist_rank()
     rank = env_rank if rank is None else rank
@@ -128,22 +132,56 @@ def segment_batch(
     bar = tqdm(mine, desc=f"segment [rank {rank}/{world_size}]", disable=not progress)
     for case in bar:
         out = output_path(case, out_dir)
-        if out.exists():
+        outputs = case_outputs(out, previews)
+        for target in outputs:  # what a killed run of this case left half-written
+            for tmp in leftover_temporaries(target):
+                tmp.unlink(missing_ok=True)
+        if all(p.exists() for p in outputs):
             report.skipped.append(out)
             continue
         try:
-            session = ClickSession(model, case["image"], dataset, device=device, growth=growth)
-            points = case.get("points")
-            if points is not None and len(points) > 0:
-                labels = case.get("point_labels", [1] * len(points))
-                session.add_clicks(points, labels, world=world)
-            else:
-                session.segment_all()
-            session.save(out)
-            if previews:
-                session.save_preview(out.with_name(out.name.replace(".nii.gz", ".png")))
+            segment_case(model, dataset, case, outputs, device=device, growth=growth, world=world)
             report.written.append(out)
-        except Sam3DError as e:
-            report.failed.append((str(case["image"]), str(e)))
-        bar.set_postfix(done=len(report.written), skipped=len(report.skipped))
+        except Exception as e:  # one bad case never stops the batch
+            report.failed.append((str(case["image"]), describe_failure(e)))
+        bar.set_postfix(
+            done=len(report.written), skipped=len(report.skipped), failed=len(report.failed)
+        )
     return report
+
+
+def case_outputs(out: Path, previews: bool) -> list[Path]:
+    """Every file a case must have to be done: the mask, and its PNG with ``previews``."""
+    return [out] + ([out.with_name(out.name.replace(".nii.gz", ".png"))] if previews else [])
+
+
+def segment_case(
+    model: Any,
+    dataset: Mapping[str, Any] | str,
+    case: Mapping[str, Any],
+    outputs: Sequence[Path],
+    device: torch.device | None = None,
+    growth: WindowGrowth | None = None,
+    world: bool = False,
+) -> None:
+    """Segment one case and write its mask (and preview, ``outputs[1]``) all or none."""
+    session = ClickSession(model, case["image"], dataset, device=device, growth=growth)
+    points = case.get("points")
+    if points is not None and len(points) > 0:
+        labels = case.get("point_labels", [1] * len(points))
+        session.add_clicks(points, labels, world=world)
+    else:
+        session.segment_all()
+    writers = {outputs[0]: lambda tmp: session.save(tmp)}
+    if len(outputs) > 1:
+        writers[outputs[1]] = lambda tmp: session.save_preview(tmp)
+    commit_outputs(writers)
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for the report: the user's error, else the exception's type and first line."""
+    user = find_user_error(e)
+    if user is not None:
+        return " ".join(str(user).split())
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")

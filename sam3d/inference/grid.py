@@ -30,7 +30,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from sam3d.data.io import atomic_write, load_image
+from sam3d.data.io import atomic_write, check_grid_size, load_image
 from sam3d.errors import Sam3DError
 
 DEFAULT_SPACING_MM = 1.0
@@ -41,11 +41,18 @@ class LoadVolumed(MapTransform):
 
     The result is ``1 x I x J x K`` in the file's own orientation, with ``original_affine``
     and ``spatial_shape`` in its metadata. Unreadable, corrupt or non-3D files raise
-    :class:`Sam3DError`.
+    :class:`Sam3DError`; so does an image whose grid at ``grid_spacing_mm`` (the
+    ``Spacingd`` that follows) would be too large (checked before it is allocated).
     """
 
-    def __init__(self, keys: Any = "image", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: Any = "image",
+        allow_missing_keys: bool = False,
+        grid_spacing_mm: float | Sequence[float] | None = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.grid_spacing_mm = grid_spacing_mm
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -62,6 +69,9 @@ class LoadVolumed(MapTransform):
                     )
             else:
                 raise Sam3DError(f"cannot read an image from a {type(value).__name__}")
+            if self.grid_spacing_mm is not None:
+                name = img.meta.get("filename_or_obj") or "the image"
+                check_grid_size(name, img.shape[1:], img.affine, self.grid_spacing_mm)
             img.meta.setdefault("original_affine", img.affine.clone())
             img.meta.setdefault("spatial_shape", np.asarray(img.shape[1:]))
             d[key] = img
@@ -92,7 +102,7 @@ def preprocessing(
     keys = [key]
     return Compose(
         [
-            LoadVolumed(keys),
+            LoadVolumed(keys, grid_spacing_mm=pixdim),
             EnsureTyped(keys, device=device, dtype=torch.float32, track_meta=True),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys, pixdim=pixdim, mode="bilinear"),

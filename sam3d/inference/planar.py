@@ -11,7 +11,7 @@ import torch
 
 from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
-from sam3d.inference.segment import _check_writable
+from sam3d.inference.segment import check_writable
 
 PROMPTABLE_2D = ("samus",)  # planar kinds that take clicks
 
@@ -71,7 +71,7 @@ def segment_image_file(
         raise Sam3DError(f"the preview must be a .png file, got {preview}")
     for target in (out, preview):
         if target is not None:
-            _check_writable(Path(target))
+            check_writable(Path(target))
     if not clicks_xy:
         raise Sam3DError("give at least one positive --click x,y")
     img = read_grey_png(image)

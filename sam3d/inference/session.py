@@ -42,7 +42,48 @@ def resolve_dataset(dataset: Mapping[str, Any] | str) -> dict[str, Any]:
     """A dataset preset as a dict (a name such as ``"kits"``, a JSON path, or a dict)."""
     from sam3d.data.pipelines import load_dataset_preset
 
-    return load_dataset_preset(dict(dataset) if isinstance(dataset, Mapping) else dataset)
+    if not isinstance(dataset, Mapping | str | os.PathLike):
+        raise Sam3DError(
+            f"a dataset preset must be a name, a JSON path or a dict, got {type(dataset).__name__}"
+        )
+    preset = load_dataset_preset(dict(dataset) if isinstance(dataset, Mapping) else dataset)
+    _check_intensity_fields(preset)
+    return preset
+
+
+def _check_intensity_fields(preset: Mapping[str, Any]) -> None:
+    """Refuse a preset whose window / mean / SD / spacing are not usable numbers."""
+    name = preset.get("name", "?")
+
+    def numbers(value: Any, n: int | None) -> list[float] | None:
+        vals = [value] if n is None else value
+        if isinstance(vals, (str, bytes)) or not isinstance(vals, Sequence):
+            return None
+        try:
+            out = [float(v) for v in vals]
+        except (TypeError, ValueError):
+            return None
+        if (n is not None and len(out) != n) or not all(np.isfinite(out)):
+            return None
+        return out
+
+    window = numbers(preset["window_hu"], 2)
+    mean, std = numbers(preset["mean"], None), numbers(preset["std"], None)
+    spacing = preset["spacing_mm"]
+    spacing = numbers(spacing, None) if np.ndim(spacing) == 0 else numbers(spacing, 3)
+    if (
+        window is None
+        or window[0] >= window[1]
+        or mean is None
+        or std is None
+        or std[0] <= 0
+        or spacing is None
+        or min(spacing) <= 0
+    ):
+        raise Sam3DError(
+            f"dataset preset {name!r} is malformed: window_hu must be [low, high] HU, mean a "
+            "number, std and spacing_mm positive numbers"
+        )
 
 
 def load_model_for_inference(
@@ -92,6 +133,8 @@ class ClickSession:
         roi: window size in grid voxels; default ``model.crop_size``.
         amp: bfloat16 autocast on CUDA.
         threshold: probability above which a voxel is tumour.
+        source: the file a pre-loaded MetaTensor ``image`` was read from (saved masks copy
+            its header, as for a path).
     """
 
     def __init__(
@@ -105,13 +148,15 @@ class ClickSession:
         roi: int | Sequence[int] | None = None,
         amp: bool = True,
         threshold: float = 0.5,
+        source: str | os.PathLike | None = None,
     ) -> None:
         self.device = default_device(device)
         self.dataset = resolve_dataset(dataset)
         self.model = model
         self.threshold = threshold
-        self.source = image if isinstance(image, (str, os.PathLike)) else None
-        loaded = LoadVolumed("image")({"image": image})
+        self.source = image if isinstance(image, (str, os.PathLike)) else source
+        grid_spacing = spacing_mm if spacing_mm is not None else self.dataset.get("spacing_mm", 1.0)
+        loaded = LoadVolumed("image", grid_spacing_mm=grid_spacing)({"image": image})
         original = loaded["image"]
         self.original_image = original  # 1 x I x J x K, HU, the file's orientation
         self.original_affine = np.asarray(original.meta["original_affine"], dtype=np.float64)

@@ -12,6 +12,8 @@ builder takes; :func:`load_trained` rebuilds any kind from it.
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,20 @@ def read_checkpoint(
     if not p.is_file():
         raise Sam3DError(f"{what} not found: {p}")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location=map_location, weights_only=True)
     except OSError as e:
-        raise Sam3DError(f"cannot read {what} {p}: {e.strerror or e}") from e
-    except Exception as e:  # truncated, foreign, or pickled code: torch raises many types
+        raise Sam3DError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    except pickle.UnpicklingError:
+        raise Sam3DError(
+            f"{p} is not a readable {what}: it holds pickled code or objects other than "
+            "tensors and plain data (refused, not run)"
+        ) from None
+    except Exception as e:  # truncated or foreign: torch raises many types
         lines = str(e).strip().splitlines()
         detail = f": {lines[0][:200]}" if lines else ""
-        raise Sam3DError(f"{p} is not a readable {what} ({type(e).__name__}{detail})") from e
+        raise Sam3DError(f"{p} is not a readable {what} ({type(e).__name__}{detail})") from None
 
 
 def save_trained(
@@ -117,18 +126,66 @@ def load_trained(
     obj = read_trained(path, map_location, what)
     if kind is not None and obj["model"] != kind:
         raise Sam3DError(f"{path} holds a {obj['model']} model, not {kind}")
-    model = build_model(obj["model"], obj["preset"])
+    if not isinstance(obj["model"], str):
+        raise Sam3DError(f"{path}: 'model' must name a model kind, got {obj['model']!r}"[:300])
+    try:
+        model = build_model(obj["model"], obj["preset"])
+    except Sam3DError as e:
+        raise Sam3DError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        raise Sam3DError(
+            f"{path}: its preset does not describe a {obj['model']} model "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    name = obj["preset"] if isinstance(obj["preset"], str) else obj["preset"].get("name")
+    misfit = state_dict_misfit(model.state_dict(), obj["state_dict"])
+    if misfit:
+        raise Sam3DError(
+            f"{path}: its weights do not fit preset {name!r} of its {obj['model']} model "
+            f"({misfit}); the file is damaged or was not written by sam3d"
+        )
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as e:
-        name = obj["preset"] if isinstance(obj["preset"], str) else obj["preset"].get("name")
+    except (RuntimeError, TypeError, ValueError) as e:
         raise Sam3DError(
             f"{path}: weights do not fit preset {name!r} of its {obj['model']} model "
-            f"({str(e).strip().splitlines()[0][:200]})"
-        ) from e
+            f"({_first_line(e)})"
+        ) from None
+    if not isinstance(obj.get("meta") or {}, dict):
+        raise Sam3DError(f"{path}: 'meta' must be a dict, got {type(obj['meta']).__name__}")
     meta = {k: v for k, v in obj.items() if k not in ("preset", "state_dict", "meta")}
     meta.update(obj.get("meta") or {})
     return model.to(map_location).eval(), meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def state_dict_misfit(expected: dict[str, Any], given: dict[str, Any]) -> str:
+    """One phrase saying how ``given`` differs from a model's ``expected`` state dict
+    (missing, unexpected, non-tensor, mis-shaped entries; the first of each), or ""."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    not_tensor = [k for k in given if k in expected and not isinstance(given[k], torch.Tensor)]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in given
+        if k in expected
+        and isinstance(given[k], torch.Tensor)
+        and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = []
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("not tensors", not_tensor),
+        ("of another shape", shapes),
+    ):
+        if items:
+            parts.append(f"{len(items)} {label}, e.g. {str(items[0])[:80]}")
+    return "; ".join(parts)
 
 
 def load_trained_weights(
@@ -137,11 +194,11 @@ def load_trained_weights(
     """Load a trained checkpoint's weights (a path or its :func:`read_trained` dict) into a
     network a bundle config built itself; returns ``network``."""
     obj = checkpoint if isinstance(checkpoint, dict) else read_trained(checkpoint)
-    try:
-        network.load_state_dict(obj["state_dict"])
-    except RuntimeError as e:
+    misfit = state_dict_misfit(network.state_dict(), obj["state_dict"])
+    if misfit:
         raise Sam3DError(
-            f"the checkpoint does not fit this network ({str(e).strip().splitlines()[0][:200]}); "
+            f"the checkpoint does not fit this network ({misfit}); "
             "build the network with the settings it was trained with"
-        ) from e
+        )
+    network.load_state_dict(obj["state_dict"])
     return network

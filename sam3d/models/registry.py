@@ -65,6 +65,9 @@ register_model(
 register_model(
     ModelKind("samus", "planar", "sam3d.models.planar.samus:build_samus", "Samus", presets="samus")
 )
+register_model(
+    ModelKind("desam", "planar", "sam3d.models.planar.desam:build_desam", "DeSAM", presets="desam")
+)
 
 
 def model_kinds() -> list[str]:

@@ -1,6 +1,6 @@
 """Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`),
-fundus-like vessel images (:mod:`.vessels`) and echocardiography-like images
-(:mod:`.echo`), written as MSD-style datasets."""
+fundus-like vessel images (:mod:`.vessels`), echocardiography-like images (:mod:`.echo`)
+and multi-site prostate MRI (:mod:`.prostate`), written as MSD-style datasets."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ from sam3d.data.phantoms.echo import (
     EchoPhantom,
     make_echo_phantom,
 )
+from sam3d.data.phantoms.prostate import (
+    SITES,
+    ProstatePhantom,
+    make_prostate_phantom,
+    save_site_preview,
+    write_prostate_dataset,
+)
 from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
 from sam3d.data.splits import carve
 from sam3d.errors import Sam3DError
@@ -49,22 +56,27 @@ __all__ = [
     "LESION_CONTRAST_HU",
     "LESION_DIAMETER_MM",
     "ORIENTATIONS",
+    "SITES",
     "T",
     "TISSUES",
     "TISSUE_HU",
     "CTPhantom",
     "Lesion",
+    "ProstatePhantom",
     "VesselPhantom",
     "_rotation",
     "case_seed",
     "make_affine",
     "make_ct_phantom",
+    "make_prostate_phantom",
     "make_vessel_phantom",
     "save_nifti",
     "save_png",
+    "save_site_preview",
     "smooth_field",
     "split_cases",
     "write_phantom_dataset",
+    "write_prostate_dataset",
 ]
 
 
