@@ -18,6 +18,15 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SMALL = {
     "kits": {"phantom_cases": 6, "phantom_kwargs": {"shape_vox": [24, 24, 16]}},
     "retina": {"phantom_cases": 6, "phantom_size": [48, 48]},
+    "prostate": {
+        "phantom": {
+            "n_per_site": 4,
+            "in_plane_vox": 24,
+            "n_slices": 4,
+            "seed": 0,
+            "sites": ["A", "B"],
+        }
+    },
 }
 
 
@@ -67,7 +76,8 @@ def test_a_dataset_without_a_validation_list_validates_on_carved_training_cases(
     first = _lists(bundle, data)  # generates the phantoms and their dataset.json
     index = data / "dataset.json"
     spec = json.loads(index.read_text())
-    spec["training"] = spec["training"] + spec.pop("validation")  # e.g. DRIVE: train + test
+    # e.g. DRIVE: train + test (a dataset may also come without a validation list)
+    spec["training"] = spec["training"] + spec.pop("validation", [])
     index.write_text(json.dumps(spec))
     lists = _lists(bundle, data)
     assert lists["test"] == first["test"]

@@ -23,6 +23,7 @@ import torch
 from sam3d.apps.export import export_bundle, load_weights
 from sam3d.apps.zoo import check_bundle, failures, readme_sections
 from sam3d.errors import Sam3DError
+from sam3d.models.planar.desam import desam_preset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.parent.name for p in (REPO / "bundles").glob("*/metadata.json"))
@@ -32,6 +33,8 @@ TINY = {
     "kits": {"preset": "tiny", SHAPE: [32, 32, 32]},
     "retina": {"model_config#sam": "tiny", "model_config#image_size": 64, SHAPE: [48, 40]},
     "echo": {"model_preset": "tiny", SHAPE: [48, 40]},
+    # DeSAM takes S x S slices (S = the preset's image_size), logits S/4 x S/4
+    "prostate": {"model_config": {**desam_preset("tiny"), "image_size": 64}, SHAPE: [64, 64]},
 }
 
 

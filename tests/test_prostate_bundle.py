@@ -73,7 +73,9 @@ def test_training_from_the_cache_writes_a_desam_checkpoint_and_mlflow_metrics(
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained / 'eval' / 'mlruns.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "sam3d_prostate"]
     (run,) = client.search_runs([exp.experiment_id])
-    assert {"train_loss", "val_dice"} <= set(run.data.metrics)
+    # train_dice: train#postprocessing (the logits thresholded) feeds a training metric
+    assert {"train_loss", "train_dice", "val_dice"} <= set(run.data.metrics)
+    assert 0.0 <= run.data.metrics["train_dice"] <= 1.0
     assert run.data.params["train_sites"] == "A" and float(run.data.params["cache_mib"]) > 0
     # the caches are reused as they are: a second build computes nothing
     cases = prostate_datalist(trained / "data" / "prostate", "validation", ["A"], phantom=PHANTOM)
@@ -106,7 +108,7 @@ def test_leave_sites_out_evaluation_writes_per_case_and_per_site_dice(trained, t
     case = next(c for c in load_cases(trained / "data" / "prostate") if c["site"] == "B")
     out = trained / "eval" / "inference"
     _workflow(
-        ["inference.json"], "infer", check=False, bundle_root=str(trained),
+        ["inference.json"], "infer", bundle_root=str(trained),
         input_files=[case["image"]], output_dir=str(out),
         grid={"n_per_side": 3, "iou_threshold": 0.0, "min_region_px": 1000},
     )  # fmt: skip

@@ -164,19 +164,43 @@ def case_slices(
     return out
 
 
+class CaseSlices:
+    """Training / validation preprocessing: a case ``{"image", "label"}`` -> its slices
+    ``[(key, input 3 x S x S uint8, mask s x s uint8)]`` (:func:`case_slices`)."""
+
+    description = PREPROCESS  # part of the embedding cache's fingerprint
+
+    def __init__(self, input_size: int, mask_size: int, gt_only: bool = True) -> None:
+        self.input_size, self.mask_size, self.gt_only = int(input_size), int(mask_size), gt_only
+
+    def __call__(self, case: dict[str, str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        return case_slices(case, self.input_size, self.mask_size, self.gt_only)
+
+
 def cached_slices(
     network: torch.nn.Module,
-    cases: Sequence[dict[str, str]],
+    data: Sequence[dict[str, str]],
     cache_dir: str | Path,
     batch_size: int = 4,
     seed: int = 0,
     progress: bool = True,
+    preprocessing: CaseSlices | None = None,
 ) -> CachedSliceDataset:
-    """Build (or reuse, checked) the embedding cache of the cases' ground-truth slices and
-    return the training dataset over it (DeSAM's one-point prompts)."""
+    """Build (or reuse, checked) the embedding cache of the cases' (``data``) ground-truth
+    slices and return the training dataset over it (DeSAM's one-point prompts).
+
+    ``preprocessing``: case -> slices (default :class:`CaseSlices` at the network's sizes,
+    ground-truth slices only); the sizes must be the network's.
+    """
     net = network.module if hasattr(network, "module") else network
     s_in, s_mask = net.img_size, net.mask_size
-    slices = [sl for c in cases for sl in case_slices(c, s_in, s_mask, gt_only=True)]
+    prep = preprocessing or CaseSlices(s_in, s_mask, gt_only=True)
+    if (prep.input_size, prep.mask_size) != (s_in, s_mask):
+        raise Sam3DError(
+            f"preprocessing makes {prep.input_size} / {prep.mask_size} px slices, the "
+            f"network takes {s_in} / {s_mask}"
+        )
+    slices = [sl for c in data for sl in prep(c)]
     if not slices:
         raise Sam3DError("no slice with ground truth in these cases: nothing to train on")
     device = next(net.parameters()).device
@@ -185,7 +209,7 @@ def cached_slices(
         [k for k, _, _ in slices],
         net.feature_shapes(),
         (s_mask, s_mask),
-        encoder_fingerprint(net, {"preprocess": PREPROCESS}),
+        encoder_fingerprint(net, {"preprocess": prep.description}),
     )
 
     def encode(batch: np.ndarray) -> list[torch.Tensor]:
@@ -234,6 +258,53 @@ class DeSAMPrepareBatch:
 # --------------------------------------------------------------------------- volumes
 
 
+def volume_slices(volume: np.ndarray, input_size: int, mask_size: int) -> np.ndarray:
+    """``I x J x K`` intensities -> the SAM inputs of its K slices, ``K x 3 x S x S`` uint8."""
+    vol = volume_to_uint8(np.asarray(volume, dtype=np.float32))
+    return np.stack([slice_to_input(vol[:, :, k], input_size, mask_size)
+                     for k in range(vol.shape[2])])  # fmt: skip
+
+
+def masks_to_volume(masks: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+    """Slice masks ``K x s x s`` -> uint8 volume ``I x J x K`` (each resized, nearest)."""
+    m = F.interpolate(masks[:, None].float().cpu(), tuple(shape[:2]), mode="nearest")[:, 0]
+    return np.ascontiguousarray((m > 0.5).numpy().astype(np.uint8).transpose(1, 2, 0))
+
+
+class SliceInferer:
+    """Runs the network on a slice stack: ``K x 3 x S x S`` pixels -> masks ``K x s x s``
+    (bool), ``batch_size`` slices at a time, automatically (``mode`` ``"grid"``: the point
+    grid, ``grid`` and ``grid_kwargs`` the kwargs of :meth:`DeSAM.segment_grid`; ``"box"``:
+    the whole-image box, the grid settings unused).
+
+    Called as MONAI inferers are: ``inferer(inputs, network)``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "grid",
+        batch_size: int = 4,
+        grid: dict[str, Any] | None = None,
+        **grid_kwargs: Any,
+    ) -> None:
+        if mode not in ("grid", "box"):
+            raise Sam3DError(f"automatic mode must be 'grid' or 'box', got {mode!r}")
+        self.mode, self.batch_size = mode, int(batch_size)
+        self.grid_kwargs = {**(grid or {}), **grid_kwargs} if mode == "grid" else {}
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor | np.ndarray, network: torch.nn.Module) -> torch.Tensor:
+        net = network.module if hasattr(network, "module") else network
+        net.eval()
+        device = next(net.parameters()).device
+        x = torch.as_tensor(inputs)
+        out = []
+        for k0 in range(0, len(x), self.batch_size):
+            batch = x[k0 : k0 + self.batch_size].to(device).float()
+            out.append(net.segment(batch, mode=self.mode, **self.grid_kwargs).cpu())
+        return torch.cat(out)
+
+
 @torch.no_grad()
 def segment_volume(
     network: torch.nn.Module,
@@ -244,22 +315,86 @@ def segment_volume(
 ) -> np.ndarray:
     """``I x J x K`` intensities -> uint8 mask ``I x J x K``, slice by slice along K.
 
-    Each slice is preprocessed as in training, segmented automatically (``mode``
-    ``"grid"`` or ``"box"``) at ``s x s`` and resized back to ``I x J`` (nearest).
+    Each slice is preprocessed as in training (:func:`volume_slices`), segmented
+    automatically (:class:`SliceInferer`) at ``s x s`` and resized back to ``I x J``
+    (nearest, :func:`masks_to_volume`).
     """
     net = network.module if hasattr(network, "module") else network
-    net.eval()
-    device = next(net.parameters()).device
-    vol = volume_to_uint8(np.asarray(volume, dtype=np.float32))
-    out = np.zeros(vol.shape, np.uint8)
-    for k0 in range(0, vol.shape[2], batch_size):
-        ks = range(k0, min(k0 + batch_size, vol.shape[2]))
-        x = np.stack([slice_to_input(vol[:, :, k], net.img_size, net.mask_size) for k in ks])
-        masks = net.segment(torch.as_tensor(x, device=device).float(), mode=mode, **grid_kwargs)
-        m = F.interpolate(masks[:, None].float().cpu(), vol.shape[:2], mode="nearest")[:, 0]
-        for j, k in enumerate(ks):
-            out[:, :, k] = (m[j] > 0.5).numpy()
-    return out
+    x = volume_slices(volume, net.img_size, net.mask_size)
+    return masks_to_volume(SliceInferer(mode, batch_size, **grid_kwargs)(x, net), volume.shape)
+
+
+def inference_datalist(paths: Sequence[str | Path]) -> list[dict[str, str]]:
+    """``[{"image": path}]`` of the volumes to segment, each checked first: a 2D or 4D
+    NIfTI (or a corrupt file) is refused with one sentence
+    (:func:`sam3d.data.io.load_image`) before anything is written."""
+    for p in paths:
+        load_image(p, require_3d=True)
+    return [{"image": str(p)} for p in paths]
+
+
+class LoadSlicesd:
+    """Inference preprocessing: ``{"image": path}`` -> ``image`` ``K x 3 x S x S`` uint8
+    (:func:`volume_slices`), ``image_path`` and ``spatial_shape`` ``(I, J, K)``."""
+
+    def __init__(self, input_size: int, mask_size: int) -> None:
+        self.input_size, self.mask_size = int(input_size), int(mask_size)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        vol = load_image(item["image"], require_3d=True)[0].numpy()
+        x = volume_slices(vol, self.input_size, self.mask_size)
+        return {**item, "image": torch.as_tensor(x), "image_path": str(item["image"]),
+                "spatial_shape": tuple(vol.shape)}  # fmt: skip
+
+
+class SliceMasksToVolumed:
+    """Postprocessing: ``pred`` ``K x s x s`` -> uint8 ``I x J x K`` at ``spatial_shape``."""
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "pred": masks_to_volume(item["pred"], item["spatial_shape"])}
+
+
+class SaveMaskd:
+    """Postprocessing: writes ``pred`` as ``output_dir/<stem>_mask.nii.gz`` with the input's
+    header (:func:`sam3d.inference.grid.save_mask`); the path goes to ``pred_path``."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        from sam3d.inference.grid import save_mask
+
+        src = item["image_path"]
+        path = save_mask(item["pred"], self.output_dir / f"{nifti_stem(src)}_mask.nii.gz", src)
+        logger.info(f"prostate: {src} -> {path} ({int(np.sum(item['pred']))} voxels)")
+        return {**item, "pred_path": path}
+
+
+class VolumeEvaluator:
+    """The inference engine: for every item of ``dataset`` (preprocessed, e.g. a MONAI
+    ``Dataset`` with :class:`LoadSlicesd`), ``pred = inferer(item["image"], network)``, then
+    ``postprocessing(item)``. ``run()`` returns the postprocessed items (``image`` dropped).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict[str, Any]],
+        network: torch.nn.Module,
+        inferer: SliceInferer,
+        postprocessing: Any | None = None,
+    ) -> None:
+        self.dataset, self.network, self.inferer = dataset, network, inferer
+        self.postprocessing = postprocessing
+
+    def run(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(len(self.dataset)):
+            item = self.dataset[i]
+            item = {**item, "pred": self.inferer(item["image"], self.network)}
+            if self.postprocessing is not None:
+                item = self.postprocessing(item)
+            out.append({k: v for k, v in item.items() if k != "image"})
+        return out
 
 
 def segment_files(
@@ -271,17 +406,17 @@ def segment_files(
     **grid_kwargs: Any,
 ) -> list[Path]:
     """Segment NIfTI volumes automatically; writes ``<stem>_mask.nii.gz`` with each input's
-    geometry (:func:`sam3d.inference.grid.save_mask`). A 2D or 4D NIfTI is refused with
-    one sentence (:func:`sam3d.data.io.load_image`) before anything is written."""
-    from sam3d.inference.grid import save_mask
+    geometry. Every input is checked first (:func:`inference_datalist`). The pieces are
+    inference.json's: :class:`LoadSlicesd`, :class:`SliceInferer`,
+    :class:`SliceMasksToVolumed` + :class:`SaveMaskd`, run by :class:`VolumeEvaluator`."""
+    from monai.data import Dataset
+    from monai.transforms import Compose
 
-    images = [load_image(p, require_3d=True) for p in paths]  # check every input first
-    written = []
-    for p, img in zip(paths, images):
-        mask = segment_volume(network, img[0].numpy(), mode, batch_size, **grid_kwargs)
-        written.append(save_mask(mask, Path(output_dir) / f"{nifti_stem(p)}_mask.nii.gz", str(p)))
-        logger.info(f"prostate: {p} -> {written[-1]} ({int(mask.sum())} voxels)")
-    return written
+    net = network.module if hasattr(network, "module") else network
+    data = Dataset(inference_datalist(paths), LoadSlicesd(net.img_size, net.mask_size))
+    post = Compose([SliceMasksToVolumed(), SaveMaskd(output_dir)])
+    done = VolumeEvaluator(data, network, SliceInferer(mode, batch_size, **grid_kwargs), post)
+    return [item["pred_path"] for item in done.run()]
 
 
 def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
