@@ -109,13 +109,37 @@ def test_train_chain_gives_fixed_crops_with_clicks_on_the_right_side(case):
     assert n_with_tumour >= 1  # pos:neg 2:1 crops find the lesion
 
 
-def _config_chain(key: str):
+def _config_chain(key: str, **overrides):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
-    parser.update({"preset": "tiny", "seed": 0, "n_pos_clicks": 5, "n_neg_clicks": 7})
+    parser.update({"preset": "tiny", "seed": 0, "n_pos_clicks": 5, "n_neg_clicks": 7, **overrides})
     return parser.get_parsed_content(key)
+
+
+def test_bundle_config_chains_equal_the_python_builders(case):
+    # the bundle calls the builders with its own settings: the tiny preset's 2 mm grid
+    p = pipelines.load_dataset_preset("kits", spacing_mm=2.0)
+    assert _config_chain("dataset_info") == p
+    ours, theirs = (
+        pipelines.val_transforms(p, seed=0)(case),
+        _config_chain("validate#preprocessing")(case),
+    )
+    assert np.allclose(np.linalg.norm(ours["image"].affine.numpy()[:3, :3], axis=0), 2.0)
+    for key in ("image", "label", "label_all", "points", "point_labels"):
+        assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
+    py_chain = pipelines.train_transforms(p, crop_size=32, n_pos=5, n_neg=7)
+    cfg_chain = _config_chain("train#preprocessing")
+    py_chain.set_random_state(seed=11)
+    cfg_chain.set_random_state(seed=11)
+    for _ in range(2):
+        (a,), (b,) = py_chain(case), cfg_chain(case)
+        for key in ("image", "label", "points", "point_labels"):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    # a given spacing wins over the preset's default
+    one_mm = _config_chain("validate#preprocessing", spacing_mm=None)(case)
+    assert np.allclose(np.linalg.norm(one_mm["image"].affine.numpy()[:3, :3], axis=0), 1.0)
 
 
 def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
@@ -136,27 +160,59 @@ def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
     assert a["image"].shape == (1, 32, 32, 32) and b["points"].shape == (12, 3)
 
 
-def test_inference_intensity_step_equals_the_bundles():
+def test_inference_chain_equals_the_bundles_and_training_intensities(case):
+    """inference.json, ``sam3d segment`` (grid.preprocessing) and training's validation
+    chain put a volume on the same grid with the same intensities."""
     from monai.bundle import ConfigParser
     from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 
+    from sam3d.inference.grid import preprocessing
+
+    p = pipelines.load_dataset_preset("kits", spacing_mm=2.0)
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
-    bundle = [
-        t
-        for t in parser.get_parsed_content("load_transforms")
-        if isinstance(t, ScaleIntensityRanged | NormalizeIntensityd)
+    parser.read_config(str(REPO / "bundles" / "kits" / "inference.json"))
+    parser.update({"dataset_info": p, "loaded": None})
+    bundle = parser.get_parsed_content("preprocessing")
+    data = {"image": case["image"], "points": [[10, 12, 8]], "point_labels": [1]}
+    a = bundle(dict(data))
+    b = preprocessing(p)({"image": case["image"]})
+    torch.testing.assert_close(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+    assert a["points"].shape == (1, 3)  # clicks mapped onto the grid
+    assert np.allclose(a["image"].affine.numpy(), b["image"].affine.numpy())
+    # the grid of training's validation (before its body crop) is the same 2 mm RAS grid
+    val = pipelines.val_transforms(p)(dict(case))
+    assert np.allclose(
+        np.abs(val["image"].affine.numpy()[:3, :3]), np.abs(a["image"].affine.numpy()[:3, :3])
+    )
+    ours = [
+        t for t in bundle.transforms if isinstance(t, ScaleIntensityRanged | NormalizeIntensityd)
     ]
-    ours = pipelines.intensity_transforms(pipelines.load_dataset_preset("kits"))
-    assert [type(t) for t in bundle] == [type(t) for t in ours]
+    assert [type(t) for t in ours] == [ScaleIntensityRanged, NormalizeIntensityd]
     x = torch.linspace(-1200, 1500, 5 * 6 * 7).reshape(1, 5, 6, 7)
-    a, b = {"image": x.clone()}, {"image": x.clone()}
-    for t in bundle:
-        a = t(a)
+    b = {"image": x.clone()}
     for t in ours:
         b = t(b)
-    torch.testing.assert_close(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
-    # and by hand: clip to KiTS [-54, 247] HU, z-score with 59.54 / 55.46
+    # by hand: clip to KiTS [-54, 247] HU, z-score with 59.54 / 55.46
     torch.testing.assert_close(
         torch.as_tensor(b["image"]), (x.clamp(-54, 247) - 59.54) / 55.46, rtol=1e-5, atol=1e-5
     )
+
+
+def test_validation_keeps_the_clicked_lesion_only():
+    from sam3d.data.clicks import ClickedLesiond, clicked_lesion
+
+    mask = np.zeros((12, 10, 8), bool)
+    mask[1:4, 1:4, 1:4] = True  # lesion A
+    mask[7:11, 5:9, 3:7] = True  # lesion B
+    mask[4, 4, 4] = True  # touches A at a corner: 26-connected to it
+    got = clicked_lesion(mask, np.array([[8.4, 6.5, 4.0], [0, 0, 0]]), np.array([1, -1]))
+    expected = np.zeros_like(mask)
+    expected[7:11, 5:9, 3:7] = True
+    assert np.array_equal(got, expected)
+    both = clicked_lesion(mask, np.array([[2.0, 2.0, 2.0], [9, 6, 4]]), np.array([1, 1]))
+    assert np.array_equal(both, mask)
+    label = torch.as_tensor(mask[None].astype(np.float32))
+    out = ClickedLesiond(all_key="label_all")(
+        {"label": label, "points": torch.tensor([[2.0, 2.0, 2.0]]), "point_labels": torch.tensor([1])}
+    )  # fmt: skip
+    assert int(out["label"].sum()) == 3 * 3 * 3 + 1 and torch.equal(out["label_all"], label)

@@ -39,6 +39,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
+from scipy import ndimage
 
 from sam3d.errors import Sam3DError
 
@@ -51,6 +52,8 @@ __all__ = [
     "error_region_click",
     "StructureClicksd",
     "RandStructureClicksd",
+    "clicked_lesion",
+    "ClickedLesiond",
 ]
 
 Generator = np.random.Generator | np.random.RandomState
@@ -374,4 +377,54 @@ class RandStructureClicksd(Randomizable, MapTransform):
                 points[c, 0], labels[c, 0] = drawn[0], 1
         d[self.points_key] = torch.from_numpy(points)
         d[self.labels_key] = torch.from_numpy(labels)
+        return d
+
+
+def clicked_lesion(mask: np.ndarray, points_vox: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The lesions under the positive clicks: connected components of ``mask`` (bool
+    ``H x W x D``, 26-connected) that hold a positive click (``points_vox`` N x 3, voxel
+    coordinates, rounded half up; ``labels`` N, 1 positive)."""
+    mask = np.asarray(mask, dtype=bool)
+    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    pts = np.asarray(points_vox, dtype=np.float64).reshape(-1, 3)[np.asarray(labels) == 1]
+    idx = np.floor(pts + 0.5).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.asarray(mask.shape)), axis=1)
+    ids = {int(components[tuple(i)]) for i in idx[inside]} - {0}
+    return np.isin(components, sorted(ids)) if ids else np.zeros_like(mask)
+
+
+class ClickedLesiond(MapTransform):
+    """Keep, in a binary label ``1 x H x W x D``, only the lesion(s) under the positive clicks.
+
+    What one click can do is segment the lesion it was put on: validation scores that
+    component (:func:`clicked_lesion`) rather than every lesion of the volume. With
+    ``all_key`` the whole label is kept there too (e.g. ``"label_all"``). Place it after
+    the clicks are drawn (``SimulateClicksd``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        points_key: str = "points",
+        labels_key: str = "point_labels",
+        all_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.points_key, self.labels_key, self.all_key = points_key, labels_key, all_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pts = np.asarray(torch.as_tensor(d[self.points_key]).cpu(), dtype=np.float64)
+        labs = np.asarray(torch.as_tensor(d[self.labels_key]).cpu())
+        for key in self.key_iterator(d):
+            label = d[key]
+            if self.all_key is not None:
+                d[self.all_key] = label.clone() if isinstance(label, torch.Tensor) else label
+            arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label
+            keep = clicked_lesion(np.asarray(arr)[0] > 0, pts, labs)[None]
+            if isinstance(label, torch.Tensor):
+                d[key] = label * torch.as_tensor(keep, device=label.device).to(label.dtype)
+            else:
+                d[key] = np.asarray(label) * keep.astype(np.asarray(label).dtype)
         return d

@@ -2,12 +2,19 @@
 
 A dataset preset (``configs/datasets/<name>.json``) holds the HU window, the global
 mean/SD of the z-score, the tumour label, the target spacing and the NSD tolerance.
-The training and validation chains are written once, as the ``preprocessing`` lists of
-``bundles/kits/train.json``; :func:`train_transforms` and :func:`val_transforms` read
-them from there for another preset, for scripts that need the bundle's preprocessing
-without running the bundle. :func:`intensity_transforms` (clip to the window, z-score
-with the global mean/SD) is the intensity step alone, for click inference; a test checks
-it equals the bundle's.
+The builders here are the ONE written recipe of the kits preprocessing: the bundle's
+``train.json`` / ``evaluate.json`` / ``inference.json`` call them
+(``"$sam3d.data.pipelines.train_transforms(...)"``), and so do ``sam3d segment``, the
+session and the scripts:
+
+- :func:`load_transforms`: load, channel first, RAS, resample to the grid, body crop;
+- :func:`intensity_transforms`: clip to the window, z-score with the global mean/SD;
+- :func:`train_transforms`: + tumour-vs-rest label, pos/neg crops, zoom, crop, flips,
+  rot90, intensity shift, random clicks;
+- :func:`val_transforms`: + tumour-vs-rest label, one seeded click per case, the label
+  kept to the clicked lesion (what one click can segment);
+- :func:`inference_transforms`: a new volume (a path or a MetaTensor) onto the same
+  grid with the same intensities, clicks mapped onto it.
 
 Every spatial step comes before the clicks are drawn, so clicks are voxel indices of the
 final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
@@ -16,19 +23,36 @@ final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import (
+    CastToTyped,
     Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LabelToMaskd,
+    LoadImaged,
     NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    RandZoomd,
     ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
 )
 
+from sam3d.data.clicks import ClickedLesiond, RandSimulateClicksd, SimulateClicksd
 from sam3d.errors import Sam3DError
-from sam3d.presets import BUNDLE_DIR, CONFIG_DIR, preset_names, read_preset
+from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
 __all__ = [
     "DATASET_PRESET_DIR",
@@ -37,9 +61,11 @@ __all__ = [
     "air_value",
     "above",
     "pre_crop_size",
+    "load_transforms",
     "intensity_transforms",
     "train_transforms",
     "val_transforms",
+    "inference_transforms",
 ]
 
 DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
@@ -53,12 +79,23 @@ def dataset_preset_names() -> list[str]:
     return preset_names("datasets")
 
 
-def load_dataset_preset(preset: str | Path | dict) -> dict[str, Any]:
-    """A dataset preset as a dict: a shipped name, a JSON file path, or a dict to check."""
+def load_dataset_preset(
+    preset: str | Path | dict, spacing_mm: float | Sequence[float] | None = None
+) -> dict[str, Any]:
+    """A dataset preset as a dict: a shipped name, a JSON file path, or a dict to check.
+
+    ``spacing_mm`` (one value or three) replaces the preset's grid spacing: the grid the
+    model is trained on, saved with the checkpoint, so inference resamples to it too.
+    """
     data = dict(preset) if isinstance(preset, dict) else read_preset("datasets", preset)
     missing = _REQUIRED - set(data)
     if missing:
         raise Sam3DError(f"dataset preset {preset!r} lacks {', '.join(sorted(missing))}.")
+    if spacing_mm is not None:
+        values = [spacing_mm] * 3 if isinstance(spacing_mm, int | float) else list(spacing_mm)
+        if len(values) != 3 or min(float(v) for v in values) <= 0:
+            raise Sam3DError(f"spacing_mm must be one or three positive values, got {spacing_mm}")
+        data["spacing_mm"] = [float(v) for v in values]
     return data
 
 
@@ -77,6 +114,23 @@ def pre_crop_size(crop_size: int) -> int:
     return int(round(crop_size * 154 / 128))
 
 
+def load_transforms(
+    preset: dict, keys: Sequence[str] = ("image", "label"), body_hu: float | None = BODY_HU
+) -> list:
+    """Load, channel first, RAS, resample (image bilinear, label nearest), crop to the body."""
+    keys = list(keys)
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    chain: list = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=list(preset["spacing_mm"]), mode=modes),
+    ]
+    if body_hu is not None:
+        chain.append(CropForegroundd(keys=keys, source_key=keys[0], select_fn=above(body_hu)))
+    return chain
+
+
 def intensity_transforms(preset: dict, key: str = "image") -> list:
     """Clip to the preset's HU window, then z-score with its global mean/SD."""
     lo, hi = (float(v) for v in preset["window_hu"])
@@ -88,18 +142,11 @@ def intensity_transforms(preset: dict, key: str = "image") -> list:
     ]
 
 
-def _kits_recipe(preset: dict, **overrides: Any) -> Any:
-    """The kits bundle's ``train.json`` as a ``ConfigParser``, for another preset.
-
-    The bundle config is the one written recipe; these builders read it rather than
-    repeat it, so a script and the bundle always preprocess alike.
-    """
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_DIR / "kits" / "train.json"))
-    parser.update({"dataset_info": dict(preset), **overrides})
-    return parser
+def _tumour_label(preset: dict, key: str = "label") -> list:
+    return [
+        LabelToMaskd(keys=key, select_labels=[int(preset["tumour_label"])]),
+        CastToTyped(keys=key, dtype=torch.uint8),
+    ]
 
 
 def train_transforms(
@@ -110,27 +157,104 @@ def train_transforms(
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
 ) -> Compose:
-    """The training chain (``train#preprocessing`` of bundles/kits/train.json).
-
-    Load, RAS, the preset's spacing, body crop, window + z-score, tumour mask; then
-    pos/neg crops, zoom, crop to ``crop_size``, flips, rot90, intensity shift and
-    ``RandSimulateClicksd``.
-    """
-    parser = _kits_recipe(
-        preset,
-        crop_size=int(crop_size),
-        n_pos_clicks=int(n_pos),
-        n_neg_clicks=int(n_neg),
-        samples_per_volume=int(samples_per_volume),
-        vary_clicks=bool(vary_clicks),
+    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
+    pre = pre_crop_size(crop_size)
+    air = air_value(preset)
+    return Compose(
+        [
+            *load_transforms(preset),
+            *intensity_transforms(preset),
+            *_tumour_label(preset),
+            SpatialPadd(keys="image", spatial_size=[pre] * 3, value=air),
+            SpatialPadd(keys="label", spatial_size=[pre] * 3),
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=[pre] * 3,
+                pos=2,
+                neg=1,
+                num_samples=samples_per_volume,
+                image_key="image",
+                image_threshold=air,
+            ),  # fmt: skip
+            RandZoomd(
+                keys=["image", "label"],
+                prob=0.3,
+                min_zoom=0.9,
+                max_zoom=1.1,
+                mode=["trilinear", "nearest"],
+                keep_size=True,
+            ),  # fmt: skip
+            RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
+            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
+            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
+            RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
+            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
+        ]
     )
-    return parser.get_parsed_content("train#preprocessing")
 
 
-def val_transforms(preset: dict, seed: int = 0, n_pos: int = 1, n_neg: int = 0) -> Compose:
-    """The evaluation chain (``validate#preprocessing``): whole body-cropped volume at the
-    preset's spacing, ``n_pos`` / ``n_neg`` clicks seeded per case."""
-    parser = _kits_recipe(preset, seed=int(seed))
-    parser["validate#clicks#0#n_pos"] = int(n_pos)
-    parser["validate#clicks#0#n_neg"] = int(n_neg)
-    return parser.get_parsed_content("validate#preprocessing")
+def val_transforms(
+    preset: dict,
+    seed: int = 0,
+    n_pos: int = 1,
+    n_neg: int = 0,
+    clicked_lesion: bool = True,
+) -> Compose:
+    """The evaluation chain: whole body-cropped volume on the grid, seeded clicks per case.
+
+    With ``clicked_lesion`` the label keeps only the lesion under the positive click(s)
+    (:class:`~sam3d.data.clicks.ClickedLesiond`), the whole tumour label going to
+    ``label_all``: one click is scored on the lesion it was put on.
+    """
+    chain: list = [
+        *load_transforms(preset),
+        *intensity_transforms(preset),
+        *_tumour_label(preset),
+        SimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, seed=seed),
+    ]
+    keys = ["image", "label"]
+    if clicked_lesion:
+        chain.append(ClickedLesiond(keys="label", all_key="label_all"))
+        keys.append("label_all")
+    chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
+    return Compose(chain)
+
+
+def inference_transforms(
+    preset: dict,
+    spacing_mm: float | Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    key: str = "image",
+    clicks: bool = False,
+    world: bool = False,
+) -> Compose:
+    """A new volume onto the model's grid: load -> device -> RAS -> grid spacing -> intensity.
+
+    Args:
+        preset: dataset preset (``window_hu``, ``mean``, ``std``, ``spacing_mm``), as in
+            training (the checkpoint's ``dataset``).
+        spacing_mm: grid spacing; default the preset's.
+        device: where the volume is resampled (the GPU makes resampling cheap).
+        key: the image key (a NIfTI path or a channel-first MetaTensor ``1 x I x J x K``).
+        clicks: append :class:`~sam3d.inference.grid.ClicksToGridd` (``points`` in
+            original voxels, or RAS mm with ``world``, mapped onto the grid).
+    """
+    from sam3d.inference.grid import ClicksToGridd, LoadVolumed
+
+    if spacing_mm is None:
+        spacing_mm = preset.get("spacing_mm", 1.0)
+    pixdim = [float(spacing_mm)] * 3 if np.ndim(spacing_mm) == 0 else [float(v) for v in spacing_mm]
+    chain: list = [
+        LoadVolumed(key, grid_spacing_mm=pixdim),  # refuses a grid too large, before Spacingd
+        EnsureTyped(key, device=device, dtype=torch.float32, track_meta=True),
+        Orientationd(key, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(key, pixdim=pixdim, mode="bilinear"),
+        *intensity_transforms(dict(preset), key=key),
+    ]
+    if clicks:
+        chain.append(ClicksToGridd(ref_key=key, world=world))
+    return Compose(chain)

@@ -16,7 +16,6 @@ from sam3d.engine.clicks import (
     CentreClickNetwork,
     ClickCropInferer,
     click_prepare_batch,
-    window_start,
 )
 from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
@@ -41,5 +40,4 @@ __all__ = [
     "read_resume_state",
     "save_executed_config",
     "unwrap",
-    "window_start",
 ]

@@ -53,6 +53,9 @@ class ClickInferer(Inferer):
         amp: bfloat16 autocast on CUDA.
         output_device: where the automatic mode stitches the whole volume (the CPU, so
             GPU memory does not grow with the volume).
+        output: ``"probability"`` (``B x 1``, the tumour probability) or ``"logits"``
+            (``B x 2``: ``log(1 - p), log(p)``, whose softmax is ``[1 - p, p]``; what
+            training's validation postprocessing expects).
     """
 
     def __init__(
@@ -63,8 +66,12 @@ class ClickInferer(Inferer):
         sw_batch_size: int = 2,
         amp: bool = True,
         output_device: str | torch.device = "cpu",
+        output: str = "probability",
     ) -> None:
         super().__init__()
+        if output not in ("probability", "logits"):
+            raise ValueError(f"output must be 'probability' or 'logits', got {output!r}")
+        self.output = output
         self.output_device = torch.device(output_device)
         self.roi_size = roi_size
         self.growth = WindowGrowth(**growth) if isinstance(growth, Mapping) else growth
@@ -114,6 +121,9 @@ class ClickInferer(Inferer):
                 )
             outs.append(prob[None])
         out = torch.stack([o.to(outs[0].device) for o in outs])
+        if self.output == "logits":
+            p = out.float().clamp(1e-6, 1 - 1e-6)
+            out = torch.cat([torch.log1p(-p), torch.log(p)], dim=1)
         if isinstance(inputs, MetaTensor):  # keep the transform trace for Invertd
             out = convert_to_dst_type(out, inputs, device=out.device)[0]
         return out

@@ -21,14 +21,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    Invertd,
-    MapTransform,
-    Orientationd,
-    Spacingd,
-)
+from monai.transforms import Compose, Invertd, MapTransform
 
 from sam3d.data.io import atomic_write, check_grid_size, load_image
 from sam3d.errors import Sam3DError
@@ -84,31 +77,18 @@ def preprocessing(
     device: str | torch.device | None = None,
     key: str = "image",
 ) -> Compose:
-    """The inference transform chain: load -> device -> RAS -> grid spacing -> intensity.
+    """The inference transform chain, load -> device -> RAS -> grid spacing -> intensity:
+    :func:`sam3d.data.pipelines.inference_transforms` (the one recipe, as in training).
 
     Args:
-        dataset: dataset preset (``window_hu``, ``mean``, ``std``, ``spacing_mm``), as in
-            training; the intensity steps are training's own
-            (:func:`sam3d.data.pipelines.intensity_transforms`).
-        spacing_mm: grid spacing; default the preset's (1 mm).
+        dataset: dataset preset (``window_hu``, ``mean``, ``std``, ``spacing_mm``).
+        spacing_mm: grid spacing; default the preset's.
         device: where the volume is resampled (the GPU makes resampling cheap).
         key: the image key.
     """
-    from sam3d.data.pipelines import intensity_transforms
+    from sam3d.data.pipelines import inference_transforms
 
-    if spacing_mm is None:
-        spacing_mm = dataset.get("spacing_mm", DEFAULT_SPACING_MM)
-    pixdim = [float(spacing_mm)] * 3 if np.ndim(spacing_mm) == 0 else [float(v) for v in spacing_mm]
-    keys = [key]
-    return Compose(
-        [
-            LoadVolumed(keys, grid_spacing_mm=pixdim),
-            EnsureTyped(keys, device=device, dtype=torch.float32, track_meta=True),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys, pixdim=pixdim, mode="bilinear"),
-            *intensity_transforms(dict(dataset), key=key),
-        ]
-    )
+    return inference_transforms(dict(dataset), spacing_mm=spacing_mm, device=device, key=key)
 
 
 def _as_affine(a: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ weights (:func:`monai.data.utils.compute_importance_map`).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,23 +62,33 @@ def roi_tuple(roi: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 def clamp_origin(origin: Sequence[float], roi: Sequence[int], shape: Sequence[int]) -> Origin:
-    """Round and clamp a window origin so the window lies inside the volume.
+    """Round (half up) and clamp a window origin so the window lies inside the volume.
 
-    Along an axis where the volume is smaller than the window, the window is centred
-    on the volume instead (its origin is then negative).
+    Along an axis where the volume is not larger than the window, the window is centred
+    on the volume instead (its origin is then negative or 0: the volume sits in the middle
+    of the window, padded on both sides, as training's ``SpatialPadd`` pads it).
     """
     out = []
     for o, r, s in zip(origin, roi, shape):
         if s <= r:
             out.append(-((r - s) // 2))
         else:
-            out.append(int(min(max(round(float(o)), 0), s - r)))
+            out.append(int(min(max(math.floor(float(o) + 0.5), 0), s - r)))
     return tuple(out)  # type: ignore[return-value]
 
 
 def centred_origin(center_vox: Sequence[float], roi: Sequence[int], shape: Sequence[int]) -> Origin:
-    """Origin of the window of size ``roi`` centred on ``center_vox`` (clamped to the volume)."""
-    return clamp_origin([c - r / 2 + 0.5 for c, r in zip(center_vox, roi)], roi, shape)
+    """Origin of the ``roi`` window centred on a click ``center_vox`` (grid voxels, float).
+
+    The one window-placement rule of the project (validation, ``sam3d segment``, the
+    session and the inference bundle all come here): the voxel holding the click,
+    ``floor(c + 0.5)`` (half-voxel clicks round up, never to even), sits at index
+    ``r // 2`` of the window; the window is then shifted inside the volume, or centred on
+    a volume thinner than it (:func:`clamp_origin`).
+    """
+    return clamp_origin(
+        [math.floor(float(c) + 0.5) - r // 2 for c, r in zip(center_vox, roi)], roi, shape
+    )
 
 
 def inside(points_vox: torch.Tensor, origin: Origin, roi: Sequence[int], margin: float = 0.0):

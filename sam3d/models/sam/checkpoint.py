@@ -45,11 +45,14 @@ class LoadReport:
     used: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
+    # whether the loaded SAM weights are then frozen (None: the loader does not say)
+    sam_frozen: bool | None = None
 
     def summary(self) -> str:
+        frozen = {None: "", True: "; SAM weights frozen", False: "; SAM weights trainable"}
         return (
             f"{len(self.used)} checkpoint tensors used, {len(self.ignored)} ignored, "
-            f"{len(self.new)} parameters newly initialised"
+            f"{len(self.new)} parameters newly initialised{frozen[self.sam_frozen]}"
         )
 
 

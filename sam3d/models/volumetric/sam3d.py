@@ -54,7 +54,9 @@ PRESET_DEFAULTS: dict[str, Any] = {
     "decoder_dim": 128,
     "num_classes": 2,
     "use_checkpoint": False,
-    "freeze_sam": True,
+    # "auto": freeze SAM's weights only when they were loaded from a SAM checkpoint;
+    # True / False force it (random SAM weights frozen would stay random for ever).
+    "freeze_sam": "auto",
 }
 
 
@@ -110,6 +112,7 @@ class Sam3D(nn.Module):
         self.preset = dict(preset or {})
         self.config = self.preset  # what the registry rebuilds it from
         self.load_report = None
+        self.sam_frozen = False  # whether SAM's weights are frozen (see build_sam3d)
 
     @property
     def voxels_per_token(self) -> int:
@@ -216,8 +219,15 @@ def build_sam3d(
         overrides: preset keys to change (e.g. ``use_checkpoint=True``).
 
     The mapping's :class:`~sam3d.models.sam.checkpoint.LoadReport` is kept as ``model.load_report``.
+
+    What trains: with ``freeze_sam="auto"`` (the presets' default) SAM's weights (patch
+    conv, position, attention, MLP) are frozen only when they were loaded from
+    ``sam_checkpoint``; from random initialisation everything trains. ``freeze_sam=True``
+    / ``False`` force either. The decision is ``model.sam_frozen``, logged, and said in
+    the load report.
     """
     cfg = resolve_preset(preset, **overrides)
+    freeze = resolve_freeze(cfg["freeze_sam"], loaded=sam_checkpoint is not None)
     encoder = ImageEncoder3D(
         embed_dim=cfg["embed_dim"],
         depth=cfg["depth"],
@@ -234,7 +244,7 @@ def build_sam3d(
         neck_blocks=cfg["neck_blocks"],
         neck_dim=cfg["neck_dim"],
         use_checkpoint=cfg["use_checkpoint"],
-        freeze_sam=cfg["freeze_sam"],
+        freeze_sam=False,
     )
     prompt_encoder = PromptEncoder3D(
         dim=cfg["neck_dim"],
@@ -255,9 +265,27 @@ def build_sam3d(
         from sam3d.models.volumetric.mapping import map_sam_to_sam3d
 
         report = map_sam_to_sam3d(load_sam_state_dict(sam_checkpoint), model)
+        report.sam_frozen = freeze
         logger.info("SAM weights from %s: %s", sam_checkpoint, report.summary())
         model.load_report = report
+    if freeze:
+        model.encoder.freeze_sam_weights()
+    model.sam_frozen = freeze
+    if sam_checkpoint is None:
+        logger.info(
+            "SAM weights: random initialisation (no sam_checkpoint); SAM-derived weights %s "
+            "(freeze_sam=%s)", "frozen" if freeze else "trainable", cfg["freeze_sam"],
+        )  # fmt: skip
     return model
+
+
+def resolve_freeze(freeze_sam: bool | str, loaded: bool) -> bool:
+    """Whether SAM's weights freeze: ``"auto"`` -> ``loaded`` (from a SAM checkpoint)."""
+    if isinstance(freeze_sam, str):
+        if freeze_sam.lower() != "auto":
+            raise Sam3DError(f"freeze_sam must be true, false or 'auto', got {freeze_sam!r}")
+        return bool(loaded)
+    return bool(freeze_sam)
 
 
 def save_sam3d_checkpoint(
