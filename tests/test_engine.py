@@ -116,34 +116,42 @@ class _Echo(torch.nn.Module):
         self.points, self.point_labels = points.clone(), point_labels.clone()
         return torch.cat([torch.zeros_like(image), image], dim=1)
 
+    def encode(self, image):
+        return image.clone()
+
+    def decode(self, features, points, point_labels):
+        return self.forward(features, points, point_labels)
+
 
 def test_click_crop_inferer_pastes_the_click_centred_window_into_the_volume():
-    vol = torch.arange(20 * 24 * 12, dtype=torch.float32).reshape(1, 1, 20, 24, 12) + 1.0
+    vol = (torch.arange(20 * 24 * 12, dtype=torch.float32).reshape(1, 1, 20, 24, 12) % 7) - 3.0
     net = _Echo()
-    inferer = engine.ClickCropInferer(roi_size=8, background_logit=-20.0)
+    inferer = engine.ClickCropInferer(roi_size=8, growth={"enabled": False})
     points = torch.tensor([[[10.0, 5.0, 10.0], [0.0, 0.0, 0.0]]])
     labels = torch.tensor([[1, -1]])
     out = inferer(vol, net, points=points, point_labels=labels)
     assert out.shape == (1, 2, 20, 24, 12)
-    # window: i 6..14 (centred), j 1..9 (centred), k 4..12 (shifted inside the volume)
+    # window: i 6..14 (click at index 4), j 1..9, k 4..12 (shifted inside the volume)
     win = (slice(6, 14), slice(1, 9), slice(4, 12))
-    expected = torch.full((20, 24, 12), -20.0)
-    expected[win] = vol[0, 0][win]
-    assert torch.equal(out[0, 1], expected)
-    assert torch.equal(out[0, 0], torch.zeros(20, 24, 12))
+    prob = torch.softmax(out[0], dim=0)[1]
+    expected = torch.zeros(20, 24, 12)
+    expected[win] = torch.sigmoid(vol[0, 0][win])
+    torch.testing.assert_close(prob, expected, atol=2e-6, rtol=0)
     assert net.points[0, 0].tolist() == [4.0, 4.0, 6.0]  # click in crop coordinates
-    assert net.point_labels.tolist() == [[1, -1]]
+    assert net.point_labels.tolist() == [[1]]  # the padding click is not handed on
 
 
-def test_click_crop_inferer_pads_volumes_smaller_than_the_window():
-    vol = torch.rand(2, 1, 5, 9, 6)
-    out = engine.ClickCropInferer(roi_size=8)(
+def test_click_crop_inferer_centres_volumes_smaller_than_the_window():
+    vol = torch.rand(2, 1, 5, 9, 6) + 1.0
+    out = engine.ClickCropInferer(roi_size=8, growth={"enabled": False})(
         vol, _Echo(), points=torch.tensor([[[2.0, 4.0, 3.0]], [[1.0, 1.0, 1.0]]]),
         point_labels=torch.tensor([[1], [1]]),
     )  # fmt: skip
     assert out.shape == (2, 2, 5, 9, 6)
-    assert torch.equal(out[0, 1, :, 0:8], vol[0, 0, :, 0:8])  # j: window 0..8 of 9
-    assert torch.all(out[0, 1, :, 8] == -20.0)
+    prob = torch.softmax(out[0], dim=0)[1]
+    # i and k: the volume sits in the middle of the window (all of it seen); j: window 0..8
+    torch.testing.assert_close(prob[:, 0:8], torch.sigmoid(vol[0, 0, :, 0:8]))
+    assert float(prob[:, 8].max()) < 1e-5
 
 
 def test_centre_click_network_gives_one_positive_click_at_the_centre():

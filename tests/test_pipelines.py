@@ -119,26 +119,27 @@ def _config_chain(key: str, **overrides):
 
 
 def test_bundle_config_chains_equal_the_python_builders(case):
-    # the bundle calls the builders with its own settings: the tiny preset's 2 mm grid
+    # the bundle calls the builders with its own settings (here a 2 mm grid)
     p = pipelines.load_dataset_preset("kits", spacing_mm=2.0)
-    assert _config_chain("dataset_info") == p
+    assert _config_chain("dataset_info", spacing_mm=2.0) == p
     ours, theirs = (
         pipelines.val_transforms(p, seed=0)(case),
-        _config_chain("validate#preprocessing")(case),
+        _config_chain("validate#preprocessing", spacing_mm=2.0)(case),
     )
     assert np.allclose(np.linalg.norm(ours["image"].affine.numpy()[:3, :3], axis=0), 2.0)
     for key in ("image", "label", "label_all", "points", "point_labels"):
         assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
     py_chain = pipelines.train_transforms(p, crop_size=32, n_pos=5, n_neg=7)
-    cfg_chain = _config_chain("train#preprocessing")
+    cfg_chain = _config_chain("train#preprocessing", spacing_mm=2.0)
     py_chain.set_random_state(seed=11)
     cfg_chain.set_random_state(seed=11)
     for _ in range(2):
         (a,), (b,) = py_chain(case), cfg_chain(case)
         for key in ("image", "label", "points", "point_labels"):
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
-    # a given spacing wins over the preset's default
-    one_mm = _config_chain("validate#preprocessing", spacing_mm=None)(case)
+    # by default the dataset preset's 1 mm grid
+    assert _config_chain("dataset_info") == pipelines.load_dataset_preset("kits")
+    one_mm = _config_chain("validate#preprocessing")(case)
     assert np.allclose(np.linalg.norm(one_mm["image"].affine.numpy()[:3, :3], axis=0), 1.0)
 
 
@@ -212,7 +213,6 @@ def test_validation_keeps_the_clicked_lesion_only():
     both = clicked_lesion(mask, np.array([[2.0, 2.0, 2.0], [9, 6, 4]]), np.array([1, 1]))
     assert np.array_equal(both, mask)
     label = torch.as_tensor(mask[None].astype(np.float32))
-    out = ClickedLesiond(all_key="label_all")(
-        {"label": label, "points": torch.tensor([[2.0, 2.0, 2.0]]), "point_labels": torch.tensor([1])}
-    )  # fmt: skip
+    data = {"label": label, "points": torch.tensor([[2.0, 2.0, 2.0]])}
+    out = ClickedLesiond(all_key="label_all")({**data, "point_labels": torch.tensor([1])})
     assert int(out["label"].sum()) == 3 * 3 * 3 + 1 and torch.equal(out["label_all"], label)

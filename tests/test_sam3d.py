@@ -108,7 +108,7 @@ def test_batch_with_different_click_counts_equals_single_runs(tiny):
 
 def test_gradients_reach_exactly_the_trainable_parameters():
     torch.manual_seed(0)
-    model = build_sam3d("tiny").train()
+    model = build_sam3d("tiny", freeze_sam=True).train()
     x = torch.randn(1, 1, 32, 32, 32)
     out = model(x, *_clicks((8.0, 9.0, 10.0), (20.0, 20.0, 4.0), labels=[1, 0]))
     out.square().mean().backward()
@@ -124,6 +124,31 @@ def test_gradients_reach_exactly_the_trainable_parameters():
     for n in frozen:
         assert n.startswith("encoder.")
         assert n.endswith(suffixes) or ".mlp." in n or n == "encoder.pos_embed", n
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_sam_weights_freeze_only_when_loaded_from_a_sam_checkpoint(tiny_sam_checkpoint, caplog):
+    """``freeze_sam="auto"``: random SAM weights train; loaded ones freeze; overrides win."""
+    import logging
+
+    sam_names = {n for n in _frozen(build_sam3d("tiny", freeze_sam=True))}
+    assert "encoder.blocks.0.attn.qkv.weight" in sam_names and "encoder.pos_embed" in sam_names
+    with caplog.at_level(logging.INFO, logger="sam3d.models.volumetric.sam3d"):
+        random_init = build_sam3d("tiny")
+    assert random_init.preset["freeze_sam"] == "auto"
+    assert _frozen(random_init) == set() and random_init.sam_frozen is False
+    assert "random initialisation" in caplog.text and "trainable" in caplog.text
+    loaded = build_sam3d("tiny", sam_checkpoint=tiny_sam_checkpoint)
+    assert _frozen(loaded) == sam_names and loaded.sam_frozen is True
+    assert loaded.load_report.sam_frozen is True
+    assert "SAM weights frozen" in loaded.load_report.summary()
+    unfrozen = build_sam3d("tiny", sam_checkpoint=tiny_sam_checkpoint, freeze_sam=False)
+    assert _frozen(unfrozen) == set() and "SAM weights trainable" in unfrozen.load_report.summary()
+    with pytest.raises(Sam3DError, match="freeze_sam"):
+        build_sam3d("tiny", freeze_sam="sometimes")
 
 
 def test_tiny_trains_on_the_cpu():

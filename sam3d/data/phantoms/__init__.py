@@ -93,6 +93,7 @@ def write_phantom_dataset(
     n: int,
     seed: int = 0,
     progress: bool = False,
+    balance_contrast: bool = False,
     **kwargs: Any,
 ) -> Path:
     """Write ``n`` phantoms as an MSD-style dataset and return its ``dataset.json`` path.
@@ -105,7 +106,9 @@ def write_phantom_dataset(
     ``spacing_mm`` (row, col), and ``preview.png`` (the first case, outlined).
     ``dataset.json`` lists ``training``/``validation``/``test`` (60/20/20) with paths
     relative to it. ``kwargs`` go to :func:`make_ct_phantom` / :func:`make_vessel_phantom`
-    / :func:`make_echo_phantom`.
+    / :func:`make_echo_phantom`. With ``balance_contrast`` (ct) each split gets its
+    60/20/20 share of the cases with a bright (first) lesion and of the others, so that
+    no split is all dark lesions.
     """
     if kind not in ("ct", "vessels", "echo"):
         raise Sam3DError(f"unknown phantom kind {kind!r}: use 'ct', 'vessels' or 'echo'")
@@ -134,6 +137,7 @@ def write_phantom_dataset(
                     "spacing_mm": [round(v, 4) for v in ph.spacing_mm],
                     "orientation": ph.orientation,
                     "lesion_diameters_mm": [round(les.diameter_mm, 2) for les in ph.lesions],
+                    "lesion_contrasts_hu": [round(les.contrast_hu, 1) for les in ph.lesions],
                 }
             )
         elif kind == "echo":
@@ -170,7 +174,18 @@ def write_phantom_dataset(
                 }
             )
             cases.append({"case": name, "seed": s, "n_trees": vp.n_trees})
-    train, val, test = split_cases(int(n))
+    if kind == "ct" and balance_contrast:
+        bright = [bool(c["lesion_contrasts_hu"]) and c["lesion_contrasts_hu"][0] > 0 for c in cases]
+        train, val, test = [], [], []
+        for group in (
+            [i for i, b in enumerate(bright) if b],
+            [i for i, b in enumerate(bright) if not b],
+        ):
+            for split, part in zip((train, val, test), split_cases(len(group))):
+                split.extend(group[j] for j in part)
+        train, val, test = sorted(train), sorted(val), sorted(test)
+    else:
+        train, val, test = split_cases(int(n))
     modality = {"ct": "CT", "vessels": "fundus RGB", "echo": "US"}[kind]
     labels = {
         "ct": {"0": "background", "1": "kidney", "2": "tumour"},

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Every CUDA-only test and every GPU benchmark in one call, figures in one JSON file.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]              # on a CUDA machine: < 8 minutes on one GPU
+#   bash scripts/gpu_check.sh --cpu-smoke [OUT_DIR]  # tiny sizes on the CPU (the test suite)
+#
+# Steps: the CUDA tests (pytest -k cuda: every test that needs a GPU has "cuda" in its name
+# and skips without one), then scripts/bench_model.py, bench_inference.py, bench_metrics.py,
+# bench_topolora.py, bench_train_phantoms.py (a short budget), and bench_samus.py,
+# bench_desam.py, bench_serve.py when they exist (a missing script is recorded as
+# "missing", not an error). Each step has its own time limit; its exit code, seconds,
+# JSON figures (scripts with --json / --out) and the tail of its output go into
+# OUT_DIR/gpu_check.json (default outputs/gpu_check). The script exits non-zero when a step
+# failed, after writing the JSON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+    MODE=cpu-smoke
+    shift
+fi
+OUT="${1:-outputs/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STEPS_FILE="$OUT/steps.tsv"
+: >"$STEPS_FILE"
+
+if [[ "$MODE" == gpu ]]; then
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_check: no CUDA GPU here (use --cpu-smoke for the tiny CPU run)" >&2
+        exit 2
+    fi
+fi
+
+# run NAME LIMIT_S JSON_FILE CMD...: one step, recorded in steps.tsv
+run() {
+    local name="$1" limit="$2" json="$3"
+    shift 3
+    local log="$OUT/$name.log" t0 t1 rc
+    echo "gpu_check: $name: $*"
+    t0=$(date +%s%N)
+    timeout "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    t1=$(date +%s%N)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( (t1 - t0) / 1000000 ))" "$json" "$log" "$*" \
+        >>"$STEPS_FILE"
+    echo "gpu_check: $name: exit $rc"
+}
+
+# optional NAME SCRIPT LIMIT_S ARGS...: a benchmark another change may not have landed yet
+optional() {
+    local name="$1" script="$2" limit="$3"
+    shift 3
+    if [[ -f "$script" ]]; then
+        run "$name" "$limit" "" "$PY" "$script" "$@"
+    else
+        printf '%s\tmissing\t0\t\t\t%s\n' "$name" "$script" >>"$STEPS_FILE"
+        echo "gpu_check: $name: $script not here, skipped"
+    fi
+}
+
+if [[ "$MODE" == gpu ]]; then
+    run cuda_tests 240 "" "$PY" -m pytest -q -k cuda tests
+    run bench_model 120 "$OUT/bench_model.json" \
+        "$PY" scripts/bench_model.py --device cuda --json "$OUT/bench_model.json"
+    run bench_inference 90 "" "$PY" scripts/bench_inference.py --device cuda
+    run bench_metrics 60 "" "$PY" scripts/bench_metrics.py --device cuda
+    run bench_topolora 90 "$OUT/bench_topolora.json" \
+        "$PY" scripts/bench_topolora.py --device cuda --json "$OUT/bench_topolora.json"
+    run bench_train_phantoms 150 "$OUT/train_phantoms/results_vit_b_cuda.json" \
+        "$PY" scripts/bench_train_phantoms.py --device cuda --preset vit_b --budget-s 30 \
+        --checkpoints-s 10 20 30 --n-cases 12 --out "$OUT/train_phantoms"
+    optional bench_samus scripts/bench_samus.py 60 --device cuda
+    optional bench_desam scripts/bench_desam.py 60 memory --device cuda
+    optional bench_serve scripts/bench_serve.py 60 --device cuda --max-seconds 40
+else
+    run cuda_tests 120 "" "$PY" -m pytest -q -k cuda tests/test_cldice.py
+    run bench_model 120 "$OUT/bench_model.json" \
+        "$PY" scripts/bench_model.py --device cpu --preset tiny --batch 1 --repeats 1 \
+        --warmup 0 --no-reference --json "$OUT/bench_model.json"
+    run bench_inference 120 "" "$PY" scripts/bench_inference.py --device cpu --preset tiny \
+        --shape 40 40 24 --spacing 1.5 1.5 2.0 --further-clicks 1 --no-reference
+    run bench_metrics 120 "" "$PY" scripts/bench_metrics.py --device cpu --size 24 24 12 \
+        --repeats 1 --skip-cldice --skip-monai
+    run bench_topolora 120 "$OUT/bench_topolora.json" \
+        "$PY" scripts/bench_topolora.py --device cpu --preset tiny --batch 1 --size 64 \
+        --steps 1 --warmup 0 --only fused --json "$OUT/bench_topolora.json"
+    run bench_train_phantoms 200 "$OUT/train_phantoms/results_tiny_cpu.json" \
+        "$PY" scripts/bench_train_phantoms.py --device cpu --preset tiny --budget-s 4 \
+        --checkpoints-s 2 4 --n-cases 5 --shape 40 40 24 --spacing 1.5 1.5 2.0 \
+        --num-workers 0 --models sam3d unet_clicks --out "$OUT/train_phantoms"
+    for s in samus desam serve; do
+        optional "bench_$s" "scripts/bench_$s.py" 60 --help
+    done
+fi
+
+"$PY" - "$OUT" "$MODE" <<'EOF'
+"""Collect the steps into one JSON file."""
+import json, platform, sys
+from pathlib import Path
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+try:
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+except Exception as e:  # torch missing: still write what ran
+    device = f"unknown ({e})"
+steps, failed = {}, []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, rc, seconds, json_file, log, command = line.split("\t")
+    step = {"command": command, "seconds": round(float(seconds) / 1000, 1)}
+    if rc == "missing":
+        step["status"] = "missing"
+    else:
+        step["exit_code"] = int(rc)
+        step["status"] = "ok" if rc == "0" else ("timeout" if rc == "124" else "failed")
+        if rc != "0":
+            failed.append(name)
+        text = Path(log).read_text(errors="replace") if log and Path(log).is_file() else ""
+        step["output_tail"] = text.splitlines()[-40:]
+        if json_file and Path(json_file).is_file():
+            step["figures"] = json.loads(Path(json_file).read_text())
+    steps[name] = step
+result = {"mode": mode, "device": device, "host": platform.node(), "steps": steps,
+          "failed": failed}
+(out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+print(f"gpu_check: wrote {out / 'gpu_check.json'} ({len(steps)} steps, failed: {failed or 'none'})")
+sys.exit(1 if failed else 0)
+EOF
