@@ -135,7 +135,7 @@ def _progress_handlers(state: DemoState, max_epochs: int, n_iters: int) -> tuple
             "minutes": (time.perf_counter() - t0) / 60,
             "train_loss": float(metrics.get("train_loss", running.get("loss", float("nan")))),
         }
-        if "val_dice" in running and running.get("val_epoch") == engine.state.epoch:
+        if running.get("val_epoch") == engine.state.epoch:
             point["val_dice"] = float(running["val_dice_value"])
         curve.append(point)
 
@@ -166,7 +166,7 @@ def save_learning_curve(curve: list[dict[str, float]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     minutes = [p["minutes"] for p in curve]
     ax.plot(minutes, [p["train_loss"] for p in curve], color="tab:blue", label="training loss")
-    ax.set_xlabel("training time (min)")
+    ax.set_xlabel("training time (wall-clock minutes)")
     ax.set_ylabel("DiceCE loss", color="tab:blue")
     val = [(p["minutes"], p["val_dice"]) for p in curve if "val_dice" in p]
     twin = ax.twinx()

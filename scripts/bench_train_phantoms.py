@@ -228,8 +228,13 @@ def train_curve(name: str, net, args, data_dir: Path, test_ds, shared: dict, dev
             clock.pause()
             scores = evaluate(net, test_ds, roi, tol, device)
             recent = losses[-max(1, min(len(losses), 20)) :]
-            point = {"budget_s": mark, "trained_s": round(elapsed, 1),
-                     "steps": engine.state.iteration, "loss": float(np.mean(recent)), **scores}  # fmt: skip
+            point = {
+                "budget_s": mark,
+                "trained_s": round(elapsed, 1),
+                "steps": engine.state.iteration,
+                "loss": float(np.mean(recent)),
+                **scores,
+            }
             curve.append(point)
             print(
                 f"  {name:12s} {mark:6.0f} s ({point['steps']:5d} steps): held-out Dice "
@@ -291,8 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
             "ct", data_dir, n=args.n_cases, seed=args.seed, shape_vox=tuple(args.shape),
             spacing_mm=tuple(args.spacing), n_lesions=1, balance_contrast=True,
         )  # fmt: skip
-    from sam3d.apps.kits import load_datalist
     from monai.data import CacheDataset
+
+    from sam3d.apps.kits import load_datalist
 
     preset = pipelines.load_dataset_preset("kits")
     test_list = load_datalist(data_dir, "test", seed=args.seed)
@@ -302,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+        load = os.getloadavg()[0]
+        name = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, load {load:.1f}"
     print(f"device: {device} ({name}), torch {torch.__version__}, clock: {args.clock} seconds")
     print(f"data: {args.n_cases} phantoms {tuple(args.shape)} at {tuple(args.spacing)} mm, "
           f"{len(test_list)} held-out; budget {args.budget_s:.0f} s per model")  # fmt: skip
