@@ -77,14 +77,15 @@ if [[ "$MODE" == gpu ]]; then
     optional bench_serve scripts/bench_serve.py 60 --device cuda --max-seconds 40
 else
     run cuda_tests 120 "" "$PY" -m pytest -q -k cuda tests/test_cldice.py
-    run bench_model 120 "$OUT/bench_model.json" \
+    # one torch thread: on a shared CPU several threads are much slower (oversubscription)
+    run bench_model 300 "$OUT/bench_model.json" \
         "$PY" scripts/bench_model.py --device cpu --preset tiny --batch 1 --repeats 1 \
-        --warmup 0 --no-reference --json "$OUT/bench_model.json"
-    run bench_inference 120 "" "$PY" scripts/bench_inference.py --device cpu --preset tiny \
-        --shape 40 40 24 --spacing 1.5 1.5 2.0 --further-clicks 1 --no-reference
+        --warmup 0 --no-reference --threads 1 --json "$OUT/bench_model.json"
+    run bench_inference 300 "" "$PY" scripts/bench_inference.py --device cpu --preset tiny \
+        --shape 40 40 24 --spacing 1.5 1.5 2.0 --further-clicks 1 --no-reference --threads 1
     run bench_metrics 120 "" "$PY" scripts/bench_metrics.py --device cpu --size 24 24 12 \
         --repeats 1 --skip-cldice --skip-monai
-    run bench_topolora 120 "$OUT/bench_topolora.json" \
+    run bench_topolora 300 "$OUT/bench_topolora.json" \
         "$PY" scripts/bench_topolora.py --device cpu --preset tiny --batch 1 --size 64 \
         --steps 1 --warmup 0 --only fused --json "$OUT/bench_topolora.json"
     run bench_train_phantoms 200 "$OUT/train_phantoms/results_tiny_cpu.json" \
