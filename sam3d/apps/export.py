@@ -81,7 +81,8 @@ EXPORTS: dict[str, BundleExport] = {
             "z-scored with the preset's global mean {mean} and SD {std} (the training run's "
             "`sam3d.data.pipelines` builders). Clicks in original voxels (or RAS mm) are "
             "mapped onto that grid; the network sees {crop}^3 crops around them, grown while "
-            "the lesion touches a border, and the probabilities are inverted back to the input's grid."
+            "the lesion touches a border, and the probabilities are inverted back to the "
+            "input's grid."
         ),
     ),
     "topolora": BundleExport(
