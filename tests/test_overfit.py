@@ -22,8 +22,8 @@ from sam3d.models import build_sam3d
 CROP = 16
 STEPS = 200
 # Measured: Dice 0.935 / 0.946 on the two cases after 200 steps (seed 0), 0.19 / 0.24 with
-# the crop misplaced by 3 voxels; the threshold keeps a margin on both sides. About 35 s of
-# CPU time (one thread); minutes of wall time on a crowded machine, hence ``slow``.
+# the crop misplaced by 3 voxels; the threshold keeps a margin on both sides. About 30 s
+# (one thread; 28 s wall for this file at load 2, minutes on a crowded machine).
 THRESHOLD = 0.8
 
 
@@ -59,9 +59,6 @@ def _training_batch(cases, rng: np.random.Generator):
         points.append(torch.as_tensor(pts))
         plabels.append(torch.as_tensor(lbl))
     return torch.stack(images), torch.stack(labels), torch.stack(points), torch.stack(plabels)
-
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
