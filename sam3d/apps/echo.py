@@ -22,8 +22,7 @@ from monai.metrics.utils import do_metric_reduction
 from monai.transforms import MapTransform
 
 from sam3d.data.clicks import error_region_click
-from sam3d.data.planar import find_image_mask_dataset
-from sam3d.data.splits import SPLITS
+from sam3d.data.planar import planar_split
 from sam3d.errors import Sam3DError
 from sam3d.metrics import HausdorffDistance95Metric, OverlapMetric
 from sam3d.metrics.overlap import overlap_from_counts
@@ -46,27 +45,7 @@ def echo_datalist(
     index gives it, else ``spacing_mm`` (all cases) when given; either all cases of the
     split have one or none (then HD95 is in pixels).
     """
-    if split not in SPLITS:
-        raise Sam3DError(f"split must be one of {SPLITS}, got {split!r}")
-    found = find_image_mask_dataset(dataset_dir, seed)
-    if found is None:
-        from sam3d.data.phantoms import write_phantom_dataset
-
-        logger.warning(
-            "no dataset in %s: generating %d echo phantoms of %s px there (seed %d)",
-            dataset_dir, n_phantoms, tuple(phantom_size), seed,
-        )  # fmt: skip
-        write_phantom_dataset(
-            "echo", Path(dataset_dir), int(n_phantoms), seed=seed, size=tuple(phantom_size)
-        )
-        found = find_image_mask_dataset(dataset_dir, seed)
-        assert found is not None
-    cases = found[split]
-    if not cases:
-        raise Sam3DError(
-            f"the {split} split of {dataset_dir} is empty: it has too few training cases "
-            f"({len(found['training'])}) to carve one; add cases or list that split"
-        )
+    cases = planar_split(dataset_dir, split, "echo", n_phantoms, phantom_size, seed)
     if spacing_mm is not None:
         cases = [{"spacing_mm": [float(s) for s in spacing_mm], **c} for c in cases]
     with_spacing = sum("spacing_mm" in c for c in cases)

@@ -9,9 +9,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from sam3d.data.planar import find_image_mask_dataset
-from sam3d.data.splits import SPLITS
-from sam3d.errors import Sam3DError
+from sam3d.data.planar import planar_split
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +26,4 @@ def retina_datalist(
     A missing or empty ``dataset_dir`` is first filled with ``n_phantoms`` 2D vessel
     phantoms of ``phantom_size`` (H, W) pixels.
     """
-    if split not in SPLITS:
-        raise Sam3DError(f"split must be one of {SPLITS}, got {split!r}")
-    found = find_image_mask_dataset(dataset_dir, seed)
-    if found is None:
-        from sam3d.data.phantoms import write_phantom_dataset
-
-        logger.warning(
-            "no dataset in %s: generating %d vessel phantoms of %s px there (seed %d)",
-            dataset_dir, n_phantoms, tuple(phantom_size), seed,
-        )  # fmt: skip
-        write_phantom_dataset(
-            "vessels", Path(dataset_dir), int(n_phantoms), seed=seed, size=tuple(phantom_size)
-        )
-        found = find_image_mask_dataset(dataset_dir, seed)
-        assert found is not None
-    if not found[split]:
-        raise Sam3DError(
-            f"the {split} split of {dataset_dir} is empty: it has too few training cases "
-            f"({len(found['training'])}) to carve one; add cases or list that split"
-        )
-    return found[split]
+    return planar_split(dataset_dir, split, "vessels", n_phantoms, phantom_size, seed)

@@ -363,3 +363,42 @@ class SetPixelSpacingd(MapTransform):
                     affine[axis, axis] = s
                 img.affine = affine
         return d
+
+
+def planar_split(
+    dataset_dir: str | Path,
+    split: str,
+    phantom_kind: str,
+    n_phantoms: int = 20,
+    phantom_size: tuple[int, int] | list[int] = (256, 256),
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The cases of one split of a 2D dataset folder, phantoms written there when it is empty.
+
+    ``phantom_kind`` is a :func:`sam3d.data.phantoms.write_phantom_dataset` kind (``vessels``,
+    ``echo``) of ``n_phantoms`` images of ``phantom_size`` (H, W) pixels. An empty split
+    (too few training cases to carve one) is an error, never filled from another split.
+    """
+    from sam3d.data.splits import SPLITS
+
+    if split not in SPLITS:
+        raise Sam3DError(f"split must be one of {SPLITS}, got {split!r}")
+    found = find_image_mask_dataset(dataset_dir, seed)
+    if found is None:
+        from sam3d.data.phantoms import write_phantom_dataset
+
+        logger.warning(
+            "no dataset in %s: generating %d %s phantoms of %s px there (seed %d)",
+            dataset_dir, n_phantoms, phantom_kind, tuple(phantom_size), seed,
+        )  # fmt: skip
+        write_phantom_dataset(
+            phantom_kind, Path(dataset_dir), int(n_phantoms), seed=seed, size=tuple(phantom_size)
+        )
+        found = find_image_mask_dataset(dataset_dir, seed)
+        assert found is not None
+    if not found[split]:
+        raise Sam3DError(
+            f"the {split} split of {dataset_dir} is empty: it has too few training cases "
+            f"({len(found['training'])}) to carve one; add cases or list that split"
+        )
+    return found[split]
