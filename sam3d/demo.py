@@ -195,6 +195,7 @@ def step_train(state: DemoState) -> None:
     import torch
     from monai.bundle import ConfigWorkflow
 
+    from sam3d.models.checkpoint import read_checkpoint
     from sam3d.presets import BUNDLE_DIR
 
     settings = {**DEMO_TRAIN, **state.extras.get("train", {})}
@@ -236,7 +237,7 @@ def step_train(state: DemoState) -> None:
     finally:
         torch.set_num_threads(threads)
     checkpoint = root / "models" / "model.pt"
-    last = torch.load(root / "models" / "last.pt", map_location="cpu", weights_only=True)
+    last = read_checkpoint(root / "models" / "last.pt", "resume checkpoint")
     state.log(
         f"trained {trainer.state.iteration} steps in {time.perf_counter() - t0:.0f} s; best "
         f"validation Dice {last['best_metric']:.3f} at epoch {last['best_epoch']} "
