@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -151,9 +152,11 @@ def test_demo_segment_step_writes_mask_and_preview(tmp_path, trained_tiny_sam3d_
     state.outputs["checkpoint"] = trained_tiny_sam3d_checkpoint
     state.extras["segment_growth"] = WindowGrowth(enabled=False)
     step_segment(state)
-    mask, preview = state.outputs["segment_mask"], state.outputs["segment_preview"]
-    assert mask == tmp_path / "segment_mask.nii.gz" and preview.read_bytes()[:8] == PNG_MAGIC
-    image, click = state.extras["segment_case"], state.extras["segment_click"]
+    # the demo segments each held-out case with a tumour (here: the one test case)
+    ((image, click),) = state.extras["segment_clicks"]
+    stem = Path(image).name.removesuffix(".nii.gz")
+    mask, preview = state.outputs[f"segment_{stem}"], state.outputs[f"preview_{stem}"]
+    assert mask == tmp_path / f"segment_{stem}.nii.gz" and preview.read_bytes()[:8] == PNG_MAGIC
     label_path = str(image).replace("imagesTr", "labelsTr")
     assert np.asarray(nib.load(label_path).dataobj)[click] == 2, "the click is not in a tumour"
     ref, got = nib.load(image), nib.load(mask)
