@@ -87,3 +87,23 @@ def trained_tiny_sam3d_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sam3d") / "model.pt"
     save_sam3d_checkpoint(model.eval(), path, meta={"steps": 2}, dataset=dataset)
     return str(path)
+
+
+def run_bundle_workflow(bundle, configs, workflow_type, check=True, **overrides):
+    """Run configs of ``bundle`` (a bundle folder) as ``python -m monai.bundle run`` does:
+    its metadata and logging config, MONAI's property check (``check``), run, finalize."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=[str(bundle / c) for c in configs],
+        meta_file=str(bundle / "metadata.json"),
+        logging_file=str(bundle / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    wf.initialize()
+    if check:
+        assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    return wf

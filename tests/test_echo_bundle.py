@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from PIL import Image
 
@@ -26,25 +25,15 @@ from sam3d.data.planar import ClassMaskd, ToUnitGreyd
 from sam3d.errors import Sam3DError
 from sam3d.metrics import compute_hd95
 from sam3d.models.checkpoint import load_trained
+from tests.conftest import run_bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "echo"
 PHANTOM_HW = (96, 80)  # non-square: catches any H/W swap between image, logits and metrics
 CLASSES = ("lv", "myo", "la")
 
 
-def _workflow(configs, workflow_type, **overrides) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLE / c) for c in configs],
-        meta_file=str(BUNDLE / "metadata.json"),
-        logging_file=str(BUNDLE / "logging.conf"),
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
-    return wf
+def _workflow(configs, workflow_type, check=True, **overrides):
+    return run_bundle_workflow(BUNDLE, configs, workflow_type, check, **overrides)
 
 
 def _tiny(root: Path, ckpt: str) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigWorkflow
 
 from sam3d.apps.prostate import (
     cache_dir_for,
@@ -23,26 +22,15 @@ from sam3d.data.phantoms import SITES, make_prostate_phantom, save_site_preview
 from sam3d.errors import Sam3DError
 from sam3d.models.checkpoint import load_trained
 from sam3d.models.planar.desam import desam_preset
+from tests.conftest import run_bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "prostate"
 PHANTOM = {"n_per_site": 3, "in_plane_vox": 40, "n_slices": 6, "seed": 0, "sites": ["A", "B", "C"]}
 MODEL = {**desam_preset("tiny"), "image_size": 128}  # logits 32 x 32
 
 
-def _workflow(configs, workflow_type, check=True, **overrides) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLE / c) for c in configs],
-        meta_file=str(BUNDLE / "metadata.json"),
-        logging_file=str(BUNDLE / "logging.conf"),
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    wf.initialize()
-    if check:
-        assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
-    return wf
+def _workflow(configs, workflow_type, check=True, **overrides):
+    return run_bundle_workflow(BUNDLE, configs, workflow_type, check, **overrides)
 
 
 def _tiny(root: Path, ckpt: str) -> dict:

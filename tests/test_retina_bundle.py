@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from sam3d.apps.retina import retina_datalist
@@ -16,24 +15,14 @@ from sam3d.data.planar import find_image_mask_dataset as find_retina_dataset
 from sam3d.engine import GradientClipping as GradientClipHandler
 from sam3d.errors import Sam3DError
 from sam3d.models.checkpoint import load_trained
+from tests.conftest import run_bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina"
 PHANTOM_HW = (96, 80)  # non-square: catches any H/W swap between image, logits and metrics
 
 
-def _workflow(configs, workflow_type, **overrides) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLE / c) for c in configs],
-        meta_file=str(BUNDLE / "metadata.json"),
-        logging_file=str(BUNDLE / "logging.conf"),
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
-    return wf
+def _workflow(configs, workflow_type, check=True, **overrides):
+    return run_bundle_workflow(BUNDLE, configs, workflow_type, check, **overrides)
 
 
 def _tiny(root: Path, ckpt: str) -> dict:
