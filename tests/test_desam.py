@@ -168,21 +168,28 @@ def test_tap_branch_once_per_image_equals_once_per_prompt(tiny):
 # --------------------------------------------------------------------------- prompt modes
 
 
-def test_select_grid_mask_ranks_by_iou_and_drops_small_regions():
-    logits = -torch.ones(3, 64, 64)
-    logits[0, 10:40, 10:40] = 1  # a square with a 2 px hole: 900 px at 64^2
+def test_select_grid_mask_ranks_by_iou_and_prefers_masks_the_clean_up_left_alone():
+    logits = -torch.ones(4, 64, 64)
+    logits[0, 10:40, 10:40] = 1  # a square with a 4 px hole: the clean-up fills it
     logits[0, 20:22, 20:22] = -1
-    logits[1, 0:5, 0:5] = 1  # best IoU but only 25 px: removed as an island
-    logits[2, 30:60, 30:60] = 1  # large, but its IoU is under the threshold
-    iou = torch.tensor([0.9, 0.95, 0.4])
-    # 1000 px at 256^2 is 62.5 px at 64^2: the 25 px island goes, the 4 px hole is filled
+    logits[1, 0:5, 0:5] = 1  # best IoU, 25 px, its only island: kept, but "changed"
+    logits[2, 30:60, 30:60] = 1  # clean, but its IoU is under the threshold
+    logits[3, 44:62, 2:20] = 1  # clean, lowest IoU above the threshold
+    iou = torch.tensor([0.9, 0.95, 0.4, 0.6])
+    # 1000 px at 256^2 is 62.5 px at 64^2: candidates 0 and 1 change, 3 does not
     mask, score = select_grid_mask(logits, iou, 0.5, 1000)
-    expected = torch.zeros(64, 64, dtype=torch.bool)
-    expected[10:40, 10:40] = True
-    assert score == pytest.approx(0.9) and torch.equal(mask, expected)
-    # without the minimum region the best-IoU candidate wins, as it is
+    assert score == pytest.approx(0.6) and torch.equal(mask, logits[3] > 0)
+    # without candidate 3 the best IoU of the changed ones wins, as the clean-up left it
+    mask, score = select_grid_mask(logits[:3], iou[:3], 0.5, 1000)
+    assert score == pytest.approx(0.95) and torch.equal(mask, logits[1] > 0)
+    # without the minimum region there is no clean-up: the best IoU wins
     mask, score = select_grid_mask(logits, iou, 0.5, 0)
     assert score == pytest.approx(0.95) and mask.sum() == 25
+    # box NMS: a near copy of the best box with a lower IoU is suppressed
+    dup = torch.cat([logits[1:2], logits[1:2]])
+    dup[1, 0, 0] = -1
+    mask, score = select_grid_mask(dup, torch.tensor([0.7, 0.8]), 0.5, 0)
+    assert score == pytest.approx(0.8) and mask.sum() == 24
     # nothing above the threshold: an empty mask
     mask, score = select_grid_mask(logits, iou, 0.99, 0)
     assert np.isnan(score) and not mask.any()
@@ -192,11 +199,107 @@ def test_remove_small_regions_matches_a_hand_case():
     m = np.zeros((8, 8), bool)
     m[1:6, 1:6] = True
     m[3, 3] = False  # 1 px hole
-    m[7, 7] = True  # 1 px island
-    out = remove_small_regions(m, 2)
+    m[7, 7] = True  # 1 px island, touching the square only diagonally: not 8-connected
+    m[6, 6] = False
+    filled, changed = remove_small_regions(m, 2, "holes")
+    assert changed and filled[3, 3] and filled.sum() == m.sum() + 1
+    out, changed = remove_small_regions(filled, 2, "islands")
     expected = np.zeros((8, 8), bool)
     expected[1:6, 1:6] = True
-    assert (out == expected).all()
+    assert changed and (out == expected).all()
+    m[6, 6] = True  # now the corner pixel joins the square 8-connectedly: nothing to drop
+    assert not remove_small_regions(m | filled, 2, "islands")[1]
+    # every island small: the largest is kept (SAM's rule)
+    two = np.zeros((8, 8), bool)
+    two[0, 0], two[4:6, 4:6] = True, True
+    out, changed = remove_small_regions(two, 10, "islands")
+    assert changed and out.sum() == 4 and not out[0, 0]
+    with pytest.raises(Exception, match="holes"):
+        remove_small_regions(two, 10, "edges")
+
+
+def _random_candidates(rng: np.random.Generator, n: int, side: int) -> torch.Tensor:
+    """``n`` logit maps of blobs, specks and holes, some duplicated (NMS has work to do)."""
+    yy, xx = np.mgrid[:side, :side]
+    out = []
+    for _ in range(n):
+        if out and rng.random() < 0.25:  # a near duplicate of an earlier candidate
+            m = out[rng.integers(len(out))].copy()
+            m[rng.random((side, side)) < 0.02] *= -1
+            out.append(m)
+            continue
+        cy, cx, r = rng.uniform(0, side, 2).tolist() + [rng.uniform(2, side / 3)]
+        m = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r**2, 1.0, -1.0)
+        m[rng.random((side, side)) < rng.uniform(0, 0.05)] *= -1  # specks and pinholes
+        if rng.random() < 0.2:
+            m[:] = -1.0  # an empty candidate
+        out.append(m)
+    return torch.as_tensor(np.stack(out), dtype=torch.float32)
+
+
+def _reference_top(logits, iou, iou_threshold, min_area, nms_threshold=0.7):
+    """The reference's pipeline (DeSAM's AMG, one crop, top record), composed of
+    segment_anything's own functions: IoU filter, > 0.5 after sigmoid, box NMS by IoU,
+    ``postprocess_small_regions``, first record."""
+    from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
+    from segment_anything.utils.amg import (
+        MaskData,
+        batched_mask_to_box,
+        mask_to_rle_pytorch,
+        rle_to_mask,
+    )
+    from torchvision.ops import batched_nms
+
+    data = MaskData(masks=logits.clone(), iou_preds=iou.clone())
+    data.filter(data["iou_preds"] > iou_threshold)
+    if len(data["iou_preds"]) == 0:
+        return None
+    data["masks"] = torch.sigmoid(data["masks"]) > 0.5
+    data["boxes"] = batched_mask_to_box(data["masks"])
+    data["rles"] = mask_to_rle_pytorch(data["masks"])
+    del data["masks"]
+    n = len(data["rles"])
+    data.filter(
+        batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(n), nms_threshold)
+    )
+    data.to_numpy()
+    if min_area > 0:
+        data = SamAutomaticMaskGenerator.postprocess_small_regions(data, min_area, nms_threshold)
+    return rle_to_mask(data["rles"][0]), float(data["iou_preds"][0])
+
+
+def test_grid_selection_equals_segment_anythings_amg_post_processing():
+    pytest.importorskip("cv2", reason="segment_anything's clean-up needs OpenCV (test extra)")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(60):
+        side = int(rng.choice([32, 64]))
+        logits = _random_candidates(rng, int(rng.integers(1, 12)), side)
+        iou = torch.as_tensor(rng.uniform(0.2, 1.0, len(logits)), dtype=torch.float32)
+        min_region_px = float(rng.choice([0, 1000, 4000]))
+        ref = _reference_top(logits, iou, 0.5, min_region_px * side * side / 256**2)
+        mask, score = select_grid_mask(logits, iou, 0.5, min_region_px)
+        if ref is None:
+            assert np.isnan(score) and not mask.any(), trial
+            continue
+        assert score == pytest.approx(ref[1]), trial
+        assert np.array_equal(mask.numpy(), ref[0]), trial
+        checked += 1
+    assert checked > 40
+
+
+def test_remove_small_regions_equals_segment_anythings():
+    pytest.importorskip("cv2", reason="segment_anything's clean-up needs OpenCV (test extra)")
+    from segment_anything.utils.amg import remove_small_regions as sam_remove
+
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        m = rng.random((24, 24)) < rng.uniform(0.05, 0.95)
+        area = float(rng.choice([1, 3, 8, 30, 200]))
+        for mode in ("holes", "islands"):
+            ours, changed = remove_small_regions(m, area, mode)
+            theirs, their_changed = sam_remove(m, area, mode)
+            assert changed == their_changed and np.array_equal(ours, theirs), (trial, mode)
 
 
 def test_grid_mode_returns_one_mask_per_image_from_the_top_iou_point(tiny):

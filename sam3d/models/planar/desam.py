@@ -414,42 +414,48 @@ class DeSAM(nn.Module):
         return torch.as_tensor(grid, dtype=torch.float32, device=device)
 
     @torch.no_grad()
+    def grid_candidates(
+        self, features: Features, n_per_side: int = 9, points_per_batch: int = 27
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid's candidates for ONE image (features of batch 1): every point of
+        :meth:`grid_points` as a one-point prompt (label 1), the tap branch run once.
+        Returns logits ``P x S/4 x S/4`` and predicted IoU ``P`` (float32, on the CPU)."""
+        grid = self.grid_points(n_per_side, features[3].device)
+        taps = self.mask_decoder.pimm.encode_taps(features[:3])
+        logits, ious = [], []
+        for j in range(0, len(grid), points_per_batch):
+            pts = grid[j : j + points_per_batch]
+            ones = torch.ones(len(pts), 1, device=pts.device)
+            lg, iou = self.decode(features, pts[:, None, :], ones, tap_features=taps)
+            logits.append(lg[:, 0].float().cpu())
+            ious.append(iou[:, 0].float().cpu())
+        return torch.cat(logits), torch.cat(ious)
+
+    @torch.no_grad()
     def segment_grid(
         self,
         features: Features,
         n_per_side: int = 9,
         points_per_batch: int = 27,
         iou_threshold: float = 0.5,
-        min_region_px: int = 1000,
+        min_region_px: float = 1000,
+        nms_threshold: float = 0.7,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fully automatic mode: one binary mask per image from an ``n x n`` point grid.
 
-        Every grid point is a one-point prompt (label 1); the tap branch runs once per
-        image. Candidates with predicted IoU <= ``iou_threshold`` are dropped, small
-        islands and holes removed (``min_region_px`` at a 256 x 256 mask, scaled with the
-        mask's area), and the candidate with the highest predicted IoU is kept
-        (:func:`select_grid_mask`). Returns masks ``B x S/4 x S/4`` (bool) and the kept
-        IoU per image (NaN where no candidate passed: an empty mask).
+        The candidates of :meth:`grid_candidates` go through the reference's selection
+        (:func:`select_grid_mask`: IoU threshold, box NMS, holes and islands under
+        ``min_region_px`` at a 256 x 256 mask cleaned, unchanged masks preferred, the
+        first kept). Returns masks ``B x S/4 x S/4`` (bool) and the kept mask's predicted
+        IoU per image (NaN where no candidate passed the threshold: an empty mask).
         """
-        grid = self.grid_points(n_per_side, features[3].device)
-        md = self.mask_decoder
         masks, scores = [], []
         for i in range(features[3].shape[0]):
-            feats = [f[i : i + 1] for f in features]
-            taps = md.pimm.encode_taps(feats[:3])
-            logits, ious = [], []
-            for j in range(0, len(grid), points_per_batch):
-                pts = grid[j : j + points_per_batch]
-                lg, iou = self.decode(
-                    feats,
-                    pts[:, None, :],
-                    torch.ones(len(pts), 1, device=pts.device),
-                    tap_features=taps,
-                )
-                logits.append(lg[:, 0].float().cpu())
-                ious.append(iou[:, 0].float().cpu())
+            logits, ious = self.grid_candidates(
+                [f[i : i + 1] for f in features], n_per_side, points_per_batch
+            )
             mask, score = select_grid_mask(
-                torch.cat(logits), torch.cat(ious), iou_threshold, min_region_px
+                logits, ious, iou_threshold, min_region_px, nms_threshold
             )
             masks.append(mask)
             scores.append(score)
@@ -502,44 +508,70 @@ class DeSAM(nn.Module):
         }
 
 
-def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
-    """Fill holes and drop islands smaller than ``min_area`` px (4-connected), as SAM's AMG
-    ``remove_small_regions`` (which needs OpenCV; scipy here)."""
+def remove_small_regions(
+    mask: np.ndarray, area_thresh: float, mode: str
+) -> tuple[np.ndarray, bool]:
+    """SAM's AMG clean-up of one ``H x W`` bool mask (``segment_anything.utils.amg``, which
+    needs OpenCV; scipy here): ``mode="holes"`` fills holes, ``"islands"`` drops islands,
+    smaller than ``area_thresh`` px (8-connected). When every island is small, the largest
+    is kept. Returns the mask and whether any region was below the threshold."""
     from scipy import ndimage
 
-    if min_area <= 0:
-        return mask
-    out = mask.copy()
-    for fill, region in ((True, ~mask), (False, mask)):  # holes first, then islands
-        labels, n = ndimage.label(region)
-        if n:
-            sizes = np.bincount(labels.ravel())[1:]
-            small = np.flatnonzero(sizes < min_area) + 1
-            out[np.isin(labels, small)] = fill
-    return out
+    if mode not in ("holes", "islands"):
+        raise Sam3DError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    holes = mode == "holes"
+    labels, n = ndimage.label(mask != holes, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    small = np.flatnonzero(sizes < area_thresh) + 1
+    if not len(small):
+        return mask, False
+    if holes:
+        return mask | np.isin(labels, small), True
+    big = np.setdiff1d(np.arange(1, n + 1), small)
+    if not len(big):
+        big = [int(np.argmax(sizes)) + 1]
+    return np.isin(labels, big), True
 
 
 def select_grid_mask(
     logits: torch.Tensor,
     iou: torch.Tensor,
     iou_threshold: float = 0.5,
-    min_region_px: int = 1000,
+    min_region_px: float = 1000,
+    nms_threshold: float = 0.7,
 ) -> tuple[torch.Tensor, float]:
-    """One mask from grid candidates ``P x H x W`` logits and predicted IoU ``P``.
+    """One mask from grid candidates ``P x H x W`` logits and predicted IoU ``P``, as the
+    reference's automatic mask generator with one crop and its top record kept.
 
-    Keep candidates with IoU > ``iou_threshold``; binarise at probability 0.5; remove
-    holes and islands below ``min_region_px * H * W / 256^2``; return the highest-IoU
-    non-empty candidate (bool ``H x W``) and its IoU, or an empty mask and NaN.
+    Candidates with IoU > ``iou_threshold`` are binarised (probability > 0.5); box NMS at
+    ``nms_threshold`` ranked by IoU; holes, then islands, below ``min_region_px`` at a
+    256 x 256 mask (scaled with ``H x W``) are cleaned (:func:`remove_small_regions`); a
+    second box NMS prefers masks the clean-up left unchanged; the first survivor is kept.
+    Returns it (bool ``H x W``) and its IoU, or an empty mask and NaN when none passed.
     """
+    from segment_anything.utils.amg import batched_mask_to_box
+    from torchvision.ops import batched_nms
+
     h, w = logits.shape[-2:]
-    min_area = int(round(min_region_px * h * w / 256**2))
-    for k in torch.argsort(iou, descending=True).tolist():
-        if float(iou[k]) <= iou_threshold:
-            break
-        m = remove_small_regions((logits[k] > 0).numpy(), min_area)
-        if m.any():
-            return torch.from_numpy(m), float(iou[k])
-    return torch.zeros(h, w, dtype=torch.bool), float("nan")
+    keep = torch.nonzero(iou > iou_threshold).flatten()
+    if not len(keep):
+        return torch.zeros(h, w, dtype=torch.bool), float("nan")
+    masks, scores = logits[keep] > 0, iou[keep].float()
+    zeros = torch.zeros(len(keep), dtype=torch.long)
+    first = batched_nms(batched_mask_to_box(masks).float(), scores, zeros, nms_threshold)
+    area = float(min_region_px) * h * w / 256**2
+    if area <= 0:  # the reference cleans (and re-runs NMS) only with a minimum region
+        return masks[first[0]], float(scores[first[0]])
+    cleaned, unchanged = [], []
+    for k in first.tolist():
+        m, holes = remove_small_regions(masks[k].numpy(), area, "holes")
+        m, islands = remove_small_regions(m, area, "islands")
+        cleaned.append(torch.from_numpy(np.ascontiguousarray(m)))
+        unchanged.append(float(not (holes or islands)))
+    stack = torch.stack(cleaned)
+    boxes = batched_mask_to_box(stack).float()
+    top = int(batched_nms(boxes, torch.tensor(unchanged), zeros[: len(stack)], nms_threshold)[0])
+    return stack[top], float(scores[first[top]])
 
 
 def desam_preset(name: str | os.PathLike) -> dict[str, Any]:
