@@ -254,3 +254,66 @@ def save_planar_overlay(
     axes[1].set_title("outlines" if title is None else title, fontsize=9)
     fig.tight_layout()
     return _atomic_savefig(fig, Path(path), dpi)
+
+
+def save_comparison_grid(
+    images: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    predictions: dict[str, Sequence[np.ndarray]],
+    path: str | Path,
+    row_names: Sequence[str] | None = None,
+    scores: dict[str, Sequence[float]] | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Save a rows x models grid: each row one 2D image, each column one model's mask
+    outlined (yellow) over the ground truth (cyan), atomically.
+
+    Args:
+        images: per row an (H, W) grey image, any range (scaled to its min..max).
+        truths: per row the (H, W) ground-truth mask.
+        predictions: model name -> per row its (H, W) mask (the column order is the dict's).
+        row_names: a label per row (e.g. the site); scores: model -> per row a number
+            printed in the panel's title (e.g. the case's Dice).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, names = len(images), list(predictions)
+    if n == 0 or not names:
+        raise Sam3DError("save_comparison_grid needs at least one image and one model")
+    if len(truths) != n or any(len(v) != n for v in predictions.values()):
+        raise Sam3DError("images, truths and every model's predictions need one entry per row")
+    fig = Figure(figsize=(2.1 * len(names), 2.2 * n + (0.4 if title else 0)))
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(n, len(names), squeeze=False))
+    for r in range(n):
+        img = _to_numpy(images[r]).astype(np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        gt = _to_numpy(truths[r]) > 0
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            pred = _to_numpy(predictions[name][r]) > 0
+            if pred.shape != gt.shape or img.shape != gt.shape:
+                raise Sam3DError(
+                    f"row {r}: image {img.shape}, truth {gt.shape} and {name} {pred.shape} "
+                    "must have one shape"
+                )
+            if gt.any():
+                ax.contour(gt, levels=[0.5], colors=["#00d5ff"], linewidths=1.0)
+            if pred.any():
+                ax.contour(pred, levels=[0.5], colors=["#ffd000"], linewidths=1.0)
+            label = name if r == 0 else ""
+            if scores is not None and name in scores:
+                label = f"{label}\n{scores[name][r]:.2f}" if label else f"{scores[name][r]:.2f}"
+            ax.set_title(label, fontsize=8)
+            if c == 0 and row_names is not None:
+                ax.set_ylabel(str(row_names[r]), fontsize=9)
+    if title:
+        fig.suptitle(title + "  (cyan: truth, yellow: prediction)", fontsize=9)
+    fig.tight_layout()
+    return _atomic_savefig(fig, Path(path), dpi)

@@ -108,30 +108,42 @@ class CoupledSam(torch.nn.Module):
     def decode(self, neck, points, labels):
         sparse, dense = self.desam.embed_prompts(points, labels)
         per = len(points) // len(neck)
-        outs = [
+        outs = [  # SAM's decoder takes one image and all its prompts at once
             self.mask_decoder(
-                image_embeddings=neck[i // per : i // per + 1],
+                image_embeddings=neck[b : b + 1],
                 image_pe=self.desam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse[i : i + 1],
-                dense_prompt_embeddings=dense[i : i + 1],
+                sparse_prompt_embeddings=sparse[b * per : (b + 1) * per],
+                dense_prompt_embeddings=dense[b * per : (b + 1) * per],
                 multimask_output=False,
             )
-            for i in range(len(points))
+            for b in range(len(neck))
         ]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
+    def preprocess(self, images):
+        return self.desam.preprocess(images)
+
+    def encode(self, x):
+        return self.desam.encode(x)
+
+    def grid_points(self, n_per_side, device=None):
+        return self.desam.grid_points(n_per_side, device)
+
+    @torch.no_grad()
+    def grid_candidates(self, features, n_per_side=9, points_per_batch=None):
+        """As :meth:`DeSAM.grid_candidates`, through SAM's own decoder (one image)."""
+        grid = self.grid_points(n_per_side, features[3].device)
+        ones = torch.ones(len(grid), 1, device=grid.device)
+        lg, iou = self.decode(features[3], grid[:, None], ones)
+        return lg[:, 0].float().cpu(), iou[:, 0].float().cpu()
+
     @torch.no_grad()
     def segment(self, images, mode="grid", n_per_side=9, iou_threshold=0.5, min_region_px=1000):
-        neck = self.desam.encode(self.desam.preprocess(images))[3]
-        grid = self.desam.grid_points(n_per_side, images.device)
+        feats = self.encode(self.preprocess(images))
         masks = []
         for i in range(len(images)):
-            lg, iou = self.decode(
-                neck[i : i + 1], grid[:, None], torch.ones(len(grid), 1, device=images.device)
-            )
-            masks.append(
-                select_grid_mask(lg[:, 0].cpu(), iou[:, 0].cpu(), iou_threshold, min_region_px)[0]
-            )
+            lg, iou = self.grid_candidates([f[i : i + 1] for f in feats], n_per_side)
+            masks.append(select_grid_mask(lg, iou, iou_threshold, min_region_px)[0])
         return torch.stack(masks).to(images.device)
 
 
@@ -261,11 +273,78 @@ def part_memory(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- sites
 
 
-def _train_steps(step, steps: int) -> float:
+def _train_steps(step, steps: int, opt: torch.optim.Optimizer) -> float:
+    """Run ``steps`` steps under the reference's poly schedule (``(1 - i / steps) ** 0.9``)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / steps) ** 0.9)
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
+        sched.step()
     return time.perf_counter() - t0
+
+
+def _dice2d(a: torch.Tensor, b: torch.Tensor) -> float:
+    s = int(a.sum() + b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+@torch.no_grad()
+def prompt_robustness(net, cases, n_per_side: int, iou_threshold: float = 0.5) -> dict:
+    """Every grid candidate of every ground-truth slice against the truth (2D Dice): mean
+    over the prompts inside the prostate and over those outside it (the poor prompts);
+    how often a candidate from an outside point passes the IoU threshold; how often the
+    top-IoU prompt is inside."""
+    inside, outside, passed_out, top_in, n_slices = [], [], [], 0, 0
+    grid = None
+    for case in cases:
+        for _, x, y in case_slices(case, net.img_size, net.mask_size):
+            img = torch.as_tensor(x)[None].float()
+            logits, iou = net.grid_candidates(net.encode(net.preprocess(img)), n_per_side)
+            gt = torch.as_tensor(y) > 0
+            if grid is None:
+                grid = net.grid_points(n_per_side)
+            r = (grid[:, 1] * net.mask_size / net.img_size).long().clamp(0, net.mask_size - 1)
+            c = (grid[:, 0] * net.mask_size / net.img_size).long().clamp(0, net.mask_size - 1)
+            pin = gt[r, c]
+            for k in range(len(grid)):
+                d = _dice2d(logits[k] > 0, gt)
+                (inside if pin[k] else outside).append(d)
+                if not pin[k]:
+                    passed_out.append(float(iou[k]) > iou_threshold)
+            top_in += bool(pin[int(torch.argmax(iou))])
+            n_slices += 1
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"dice_inside": mean(inside), "dice_outside": mean(outside),
+            "outside_passing": mean(passed_out), "top_iou_inside": top_in / max(1, n_slices),
+            "n_prompts_inside": len(inside), "n_prompts_outside": len(outside)}  # fmt: skip
+
+
+def _figure(path: Path, nets: dict, cases: list, grid: dict, results: dict) -> None:
+    """One case per site (the first), its middle ground-truth slice, every model's mask."""
+    from sam3d.apps.prostate import segment_volume
+    from sam3d.data.io import load_image_label
+    from sam3d.visualize import save_comparison_grid
+
+    rows, truths, preds, names, scores = [], [], {n: [] for n in nets}, [], {n: [] for n in nets}
+    seen = set()
+    for case in cases:
+        if case["site"] in seen:
+            continue
+        seen.add(case["site"])
+        image, label = load_image_label(case["image"], case["label"])
+        vol, lab = image[0].numpy(), label[0].numpy() > 0
+        ks = np.flatnonzero(lab.any(axis=(0, 1)))
+        k = int(ks[len(ks) // 2])
+        rows.append(vol[:, :, k].T)
+        truths.append(lab[:, :, k].T)
+        names.append(f"site {case['site']}")
+        for n, net in nets.items():
+            kw = grid if n != "unet" else {}
+            preds[n].append(segment_volume(net, vol, "grid", **kw)[:, :, k].T)
+            scores[n].append(results[n]["per_case"].get(case["image"], float("nan")))
+    save_comparison_grid(rows, truths, preds, path, names, scores,
+                         "trained on site A; numbers: the case's 3D Dice")  # fmt: skip
+    print(f"figure: {path}")
 
 
 def part_sites(args: argparse.Namespace) -> dict:
@@ -274,8 +353,10 @@ def part_sites(args: argparse.Namespace) -> dict:
     phantom = {"n_per_site": args.cases, "in_plane_vox": args.in_plane, "n_slices": args.slices,
                "seed": 0}  # fmt: skip
     data = root / "data"
-    train = prostate_datalist(data, "training", ["A"], None, 0.0, 0, phantom)
-    test = prostate_datalist(data, "test", ["A"], None, 0.0, 0, phantom)
+    split = (["A"], None, args.val_fraction, 0, phantom)
+    train = prostate_datalist(data, "training", *split)
+    held = prostate_datalist(data, "validation", *split)  # site A cases never trained on
+    test = prostate_datalist(data, "test", *split)
     model = _model(args, device)
     ds = cached_slices(model, train, root / "cache", progress=False)
     print(f"cache: {len(ds)} slices, {ds.cache.size_bytes / 2**20:.1f} MiB")
@@ -294,7 +375,7 @@ def part_sites(args: argparse.Namespace) -> dict:
         return feats, pts, lab, iou
 
     batches = [batch(i) for i in range(args.steps)]  # the same prompts for both SAM models
-    # DeSAM
+    # DeSAM: Adam, poly schedule, DiceCE + L1 IoU (the reference's recipe)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
 
@@ -305,13 +386,15 @@ def part_sites(args: argparse.Namespace) -> dict:
         loss_fn(out, (lab, iou)).backward()
         opt.step()
 
-    items["desam"] = _train_steps(desam_step, args.steps)
-    # SAM's coupled decoder, same prompts and steps
+    items["desam"] = _train_steps(desam_step, args.steps, opt)
+    print(f"DeSAM: {args.steps} steps in {items['desam']:.1f} s", flush=True)
+    # SAM's coupled decoder, same prompts, targets, loss, optimiser and steps
     from sam3d.models.sam.build import build_sam
 
     sam = build_sam(desam_preset(args.preset)["sam"], args.sam_checkpoint, args.size)
     coupled = CoupledSam(model, sam.mask_decoder.to(device))
     opt_c = torch.optim.Adam(coupled.mask_decoder.parameters(), lr=args.lr)
+    coupled.train()
 
     def coupled_step(i):
         feats, pts, lab, iou = batches[i]
@@ -320,7 +403,8 @@ def part_sites(args: argparse.Namespace) -> dict:
         loss_fn(out, (lab, iou)).backward()
         opt_c.step()
 
-    items["coupled_sam_decoder"] = _train_steps(coupled_step, args.steps)
+    items["coupled_sam_decoder"] = _train_steps(coupled_step, args.steps, opt_c)
+    print(f"coupled: {args.steps} steps in {items['coupled_sam_decoder']:.1f} s", flush=True)
     # MONAI UNet for DeSAM's wall-clock time
     unet = UNetSegmenter(model.img_size, model.mask_size).to(device)
     opt_u = torch.optim.Adam(unet.parameters(), lr=1e-3)
@@ -331,6 +415,7 @@ def part_sites(args: argparse.Namespace) -> dict:
     from monai.losses import DiceCELoss
 
     dice_ce = DiceCELoss(sigmoid=True)
+    unet.train()
     t0, n_unet = time.perf_counter(), 0
     while time.perf_counter() - t0 < items["desam"]:
         idx = torch.as_tensor(rng.integers(len(x_all), size=args.batch))
@@ -340,23 +425,60 @@ def part_sites(args: argparse.Namespace) -> dict:
         n_unet += 1
     items["unet"] = time.perf_counter() - t0
     grid = {"n_per_side": args.grid, "iou_threshold": 0.5, "min_region_px": 1000}
-    results = {}
-    for name, net, kw in (("desam", model, grid), ("coupled_sam_decoder", coupled, grid),
-                          ("unet", unet, {})):  # fmt: skip
+    nets = {"desam": model, "coupled_sam_decoder": coupled, "unet": unet}
+    results, robust = {}, {}
+    for name, net in nets.items():
         net.eval()
-        results[name] = evaluate_cases(net, test, root / "eval" / name, "grid", **kw)
-    print(f"\ncross-site phantoms: train site A ({len(train)} cases, {len(ds)} slices), test "
-          f"B-F ({len(test)} cases); {args.steps} steps of batch {args.batch}; preset "
-          f"{args.preset} at {args.size}^2 ({'random' if not args.sam_checkpoint else 'given'} "
-          f"SAM weights), grid {args.grid}x{args.grid}; device {args.device}")  # fmt: skip
+        kw = grid if name != "unet" else {}
+        res = evaluate_cases(net, test, root / "eval" / name, "grid", **kw)
+        res["held_out_A"] = evaluate_cases(net, held, root / "eval_A" / name, "grid", **kw)
+        res["per_case"] = {
+            **_per_case(root / "eval" / name / "metrics_per_case.csv", test),
+            **_per_case(root / "eval_A" / name / "metrics_per_case.csv", held),
+        }
+        results[name] = res
+        if name != "unet":
+            robust[name] = prompt_robustness(net, test, args.grid)
+    print(f"\ncross-site phantoms: train site A ({len(train)} cases, {len(ds)} slices), "
+          f"held-out A ({len(held)} cases), test B-F ({len(test)} cases); {args.steps} steps "
+          f"of batch {args.batch}, lr {args.lr:g} poly; preset {args.preset} at {args.size}^2 "
+          f"({'random' if not args.sam_checkpoint else 'given'} SAM weights), grid "
+          f"{args.grid}x{args.grid}; device {args.device}")  # fmt: skip
     sites = sorted(results["desam"]["sites"])
-    print(f"{'model':22s} {'train s':>8s} " + " ".join(f"{s:>6s}" for s in sites) + "    all")
+    print(f"{'model':22s} {'train s':>8s} {'A*':>6s} " + " ".join(f"{s:>6s}" for s in sites)
+          + "  B-F  empty")  # fmt: skip
     for name, res in results.items():
-        print(f"{name:22s} {items[name]:8.1f} "
+        print(f"{name:22s} {items[name]:8.1f} {res['held_out_A']['test_dice']:6.3f} "
               + " ".join(f"{res['sites'][s]:6.3f}" for s in sites)
-              + f" {res['test_dice']:6.3f}")  # fmt: skip
-    print(f"(UNet: {n_unet} steps in DeSAM's training time)")
-    return {"train_s": items, "results": results, "unet_steps": n_unet}
+              + f" {res['test_dice']:6.3f} {res.get('empty_slices', '-')!s:>5s}")  # fmt: skip
+    print(
+        "(A*: held-out site A cases, in-domain; Dice per patient in 3D over the GT slices; "
+        f"empty: GT slices given an empty mask; UNet: {n_unet} steps in DeSAM's time)"
+    )
+    print("\nprompt robustness on B-F (2D Dice of each grid point's own mask):")
+    print(f"{'model':22s} {'inside':>7s} {'outside':>8s} {'out>thr':>8s} {'top in':>7s}")
+    for name, r in robust.items():
+        print(f"{name:22s} {r['dice_inside']:7.3f} {r['dice_outside']:8.3f} "
+              f"{r['outside_passing']:8.3f} {r['top_iou_inside']:7.3f}")  # fmt: skip
+    print(
+        "(inside / outside: mean Dice of the masks from grid points inside / outside the "
+        "prostate; out>thr: share of outside points whose mask passes the IoU threshold; "
+        "top in: share of slices whose best-IoU point is inside)"
+    )
+    if args.figure:
+        _figure(Path(args.figure), nets, test + held, grid, results)
+    return {"train_s": items, "results": results, "robustness": robust, "unet_steps": n_unet}
+
+
+def _per_case(csv_path: Path, cases: list) -> dict:
+    """``image path -> Dice`` from an evaluation's ``metrics_per_case.csv``."""
+    import csv
+
+    from sam3d.data.io import nifti_stem
+
+    by_stem = {nifti_stem(c["image"]): c["image"] for c in cases}
+    with open(csv_path, newline="") as f:
+        return {by_stem[r["case"]]: float(r["dice"]) for r in csv.DictReader(f)}
 
 
 def main() -> None:
@@ -374,6 +496,13 @@ def main() -> None:
     ap.add_argument("--in-plane", type=int, default=64, help="phantom pixels per side")
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--grid", type=int, default=9, help="grid points per side")
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="site A cases held out of training (the in-domain column)",
+    )
+    ap.add_argument("--figure", default=None, help="sites part: save a comparison PNG here")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
