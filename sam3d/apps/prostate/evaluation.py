@@ -3,9 +3,8 @@ CSV, MLflow."""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,19 @@ import numpy as np
 import torch
 
 from sam3d.apps.prostate.inference import segment_volume
-from sam3d.data.io import atomic_write, load_image_label, nifti_stem
+from sam3d.data.io import load_image_label, nifti_stem
 
 logger = logging.getLogger(__name__)
 
 
 def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two binary volumes (1.0 when both are empty)."""
-    p, g = pred > 0, gt > 0
-    denom = int(p.sum() + g.sum())
-    return 1.0 if denom == 0 else 2.0 * int((p & g).sum()) / denom
+    """Dice of two volumes (any shape; nonzero = foreground), 1.0 when both are empty
+    (:func:`sam3d.metrics.overlap.compute_dice` gives NaN there)."""
+    from sam3d.metrics.overlap import compute_dice  # monai.metrics: imported when scoring
 
-
-def _write_csv(path: Path, rows: list[list[Any]]) -> None:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), newline=""))
+    p, g = torch.as_tensor(np.asarray(pred) > 0), torch.as_tensor(np.asarray(gt) > 0)
+    d = float(compute_dice(p, g, spatial_dims=max(p.ndim, 1)))
+    return 1.0 if math.isnan(d) else d
 
 
 def evaluate_cases(
@@ -50,6 +46,8 @@ def evaluate_cases(
     (site, n, mean, std, and ``all``); logs ``test_dice`` and ``test_dice_<site>`` to
     ``mlflow_run`` (an :class:`sam3d.engine.MLflowRun`) if given. Returns the summary.
     """
+    from sam3d.engine.reporting import write_csv  # sam3d.engine imports MLflow
+
     out = Path(output_dir)
     rows: list[list[Any]] = [["case", "site", "dice"]]
     per_site: dict[str, list[float]] = {}
@@ -71,8 +69,8 @@ def evaluate_cases(
         site_rows.append([site, len(v), f"{np.mean(v):.6f}", f"{np.std(v):.6f}"])
         summary["sites"][site] = float(np.mean(v))
     site_rows.append(["all", len(all_d), f"{np.mean(all_d):.6f}", f"{np.std(all_d):.6f}"])
-    _write_csv(out / "metrics_per_case.csv", rows)
-    _write_csv(out / "metrics_per_site.csv", site_rows)
+    write_csv(out / "metrics_per_case.csv", rows)
+    write_csv(out / "metrics_per_site.csv", site_rows)
     logger.info(
         f"prostate evaluation ({mode}): Dice {summary['test_dice']:.4f}, "
         f"per site {summary['sites']}"
