@@ -289,6 +289,18 @@ def test_save_executed_config_writes_the_parsed_config_with_overrides(tmp_path):
         engine.save_executed_config(tmp_path / "x.json")
 
 
+def test_write_csv_writes_the_rows_atomically_and_quotes_what_needs_it(tmp_path):
+    import csv
+
+    rows = [["case", "note"], ["a,b", 'say "hi"'], ["c", 0.5]]
+    path = tmp_path / "out.csv"
+    engine.write_csv(path, rows)
+    with path.open(newline="") as f:
+        assert list(csv.reader(f)) == [[str(v) for v in r] for r in rows]
+    engine.write_csv(path, rows[:1])  # replaces, no temporary left behind
+    assert path.read_bytes() == b"case,note\r\n" and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_datalist_carves_only_the_missing_split(tmp_path):
     entries = []
     for i in range(6):

@@ -154,6 +154,18 @@ def test_volume_to_uint8_clips_at_the_percentiles():
     assert int(u.flat[k]) == int(np.rint((k - lo) / (hi - lo) * 255))
 
 
+def test_dice_3d_is_the_plain_binary_dice_and_one_when_both_are_empty():
+    pred = np.zeros((4, 5, 3), np.uint8)
+    gt = np.zeros((4, 5, 3), bool)
+    assert dice_3d(pred, gt) == 1.0  # the bundle's convention (compute_dice: NaN)
+    pred[0, 0, 0] = pred[1, 1, 1] = pred[2, 2, 2] = 1  # |P| = 3
+    assert dice_3d(pred, gt) == 0.0
+    gt[1, 1, 1] = gt[2, 2, 2] = gt[3, 3, 2] = gt[3, 4, 2] = True  # |G| = 4, |P & G| = 2
+    assert dice_3d(pred, gt) == pytest.approx(2 * 2 / (3 + 4), abs=1e-15)
+    assert dice_3d(pred * 2, gt.astype(np.int16) * 7) == dice_3d(pred, gt)  # nonzero = foreground
+    assert dice_3d(pred[:, :, 2], gt[:, :, 2]) == pytest.approx(2 * 1 / (1 + 3))  # any shape
+
+
 # --------------------------------------------------------------------------- phantoms
 
 

@@ -1,2 +1,2 @@
-"""Bundle glue, one module per bundle: datasets, datalists and what else only that
-bundle needs (shared engine pieces live in :mod:`sam3d.engine`)."""
+"""Bundle glue, one module (or package) per bundle: datasets, datalists and what else
+only that bundle needs (shared engine pieces live in :mod:`sam3d.engine`)."""

@@ -4,7 +4,8 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.tracking`: :class:`MLflowRun` / :class:`MLflowRunHandler` (one run per training);
 - :mod:`.checkpointing`: :class:`TrainingCheckpoint` (best ``model.pt``, resumable ``last.pt``);
 - :mod:`.clipping`: :class:`GradientClipping` (accumulation- and AMP-aware);
-- :mod:`.reporting`: :class:`CaseMetricsCSV`, :func:`save_executed_config`, :func:`checked`;
+- :mod:`.reporting`: :class:`CaseMetricsCSV`, :func:`write_csv`, :func:`save_executed_config`,
+  :func:`checked`;
 - :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
@@ -20,7 +21,7 @@ from sam3d.engine.clicks import (
 from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
 from sam3d.engine.options import as_bool
-from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config
+from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "read_resume_state",
     "save_executed_config",
     "unwrap",
+    "write_csv",
 ]

@@ -1,5 +1,5 @@
-"""What a bundle run leaves behind besides checkpoints: the per-case CSV, the executed
-config, and one-line exits for user errors."""
+"""What a bundle run leaves behind besides checkpoints: the per-case CSV (and any CSV,
+:func:`write_csv`), the executed config, and one-line exits for user errors."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ logger = logging.getLogger("sam3d.engine")
 
 def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
+
+
+def write_csv(path: str | Path, rows: Sequence[Sequence[Any]]) -> None:
+    """Write ``rows`` (the header row first) as one CSV file at ``path``, atomically."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    _atomic_write_text(Path(path), buf.getvalue())
 
 
 class _DropUserErrorLogs(logging.Filter):
@@ -107,9 +114,7 @@ class CaseMetricsCSV:
         rows = [["case", *self.metric_names]]
         for i, case in enumerate(self._cases):
             rows.append([case, *(f"{columns[n][i]:.6f}" for n in self.metric_names)])
-        buf = io.StringIO()
-        csv.writer(buf).writerows(rows)
-        _atomic_write_text(self.path, buf.getvalue())
+        write_csv(self.path, rows)
         logger.info(f"evaluation: per-case metrics of {len(self._cases)} cases -> {self.path}")
 
 

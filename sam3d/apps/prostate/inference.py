@@ -1,0 +1,166 @@
+"""The prostate bundle's automatic segmentation, volume by slice: inference.json's pieces
+(datalist, slice loading, inferer, postprocessing, engine) and :func:`segment_files`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam3d.apps.prostate.slices import masks_to_volume, volume_slices
+from sam3d.data.io import load_image, nifti_stem
+from sam3d.errors import Sam3DError
+
+logger = logging.getLogger(__name__)
+
+
+class SliceInferer:
+    """Runs the network on a slice stack: ``K x 3 x S x S`` pixels -> masks ``K x s x s``
+    (bool), ``batch_size`` slices at a time, automatically (``mode`` ``"grid"``: the point
+    grid, ``grid`` and ``grid_kwargs`` the kwargs of :meth:`DeSAM.segment_grid`; ``"box"``:
+    the whole-image box, the grid settings unused).
+
+    Called as MONAI inferers are: ``inferer(inputs, network)``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "grid",
+        batch_size: int = 4,
+        grid: dict[str, Any] | None = None,
+        **grid_kwargs: Any,
+    ) -> None:
+        if mode not in ("grid", "box"):
+            raise Sam3DError(f"automatic mode must be 'grid' or 'box', got {mode!r}")
+        self.mode, self.batch_size = mode, int(batch_size)
+        self.grid_kwargs = {**(grid or {}), **grid_kwargs} if mode == "grid" else {}
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor | np.ndarray, network: torch.nn.Module) -> torch.Tensor:
+        net = network.module if hasattr(network, "module") else network
+        net.eval()
+        device = next(net.parameters()).device
+        x = torch.as_tensor(inputs)
+        out = []
+        for k0 in range(0, len(x), self.batch_size):
+            batch = x[k0 : k0 + self.batch_size].to(device).float()
+            out.append(net.segment(batch, mode=self.mode, **self.grid_kwargs).cpu())
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def segment_volume(
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    mode: str = "grid",
+    batch_size: int = 4,
+    **grid_kwargs: Any,
+) -> np.ndarray:
+    """``I x J x K`` intensities -> uint8 mask ``I x J x K``, slice by slice along K.
+
+    Each slice is preprocessed as in training (:func:`volume_slices`), segmented
+    automatically (:class:`SliceInferer`) at ``s x s`` and resized back to ``I x J``
+    (nearest, :func:`masks_to_volume`).
+    """
+    net = network.module if hasattr(network, "module") else network
+    x = volume_slices(volume, net.img_size, net.mask_size)
+    return masks_to_volume(SliceInferer(mode, batch_size, **grid_kwargs)(x, net), volume.shape)
+
+
+def inference_datalist(paths: Sequence[str | Path]) -> list[dict[str, str]]:
+    """``[{"image": path}]`` of the volumes to segment, each checked first: a 2D or 4D
+    NIfTI (or a corrupt file) is refused with one sentence
+    (:func:`sam3d.data.io.load_image`) before anything is written."""
+    for p in paths:
+        load_image(p, require_3d=True)
+    return [{"image": str(p)} for p in paths]
+
+
+class LoadSlicesd:
+    """Inference preprocessing: ``{"image": path}`` -> ``image`` ``K x 3 x S x S`` uint8
+    (:func:`volume_slices`), ``image_path`` and ``spatial_shape`` ``(I, J, K)``."""
+
+    def __init__(self, input_size: int, mask_size: int) -> None:
+        self.input_size, self.mask_size = int(input_size), int(mask_size)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        vol = load_image(item["image"], require_3d=True)[0].numpy()
+        x = volume_slices(vol, self.input_size, self.mask_size)
+        return {**item, "image": torch.as_tensor(x), "image_path": str(item["image"]),
+                "spatial_shape": tuple(vol.shape)}  # fmt: skip
+
+
+class SliceMasksToVolumed:
+    """Postprocessing: ``pred`` ``K x s x s`` -> uint8 ``I x J x K`` at ``spatial_shape``."""
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "pred": masks_to_volume(item["pred"], item["spatial_shape"])}
+
+
+class SaveMaskd:
+    """Postprocessing: writes ``pred`` as ``output_dir/<stem>_mask.nii.gz`` with the input's
+    header (:func:`sam3d.inference.grid.save_mask`); the path goes to ``pred_path``."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        from sam3d.inference.grid import save_mask
+
+        src = item["image_path"]
+        path = save_mask(item["pred"], self.output_dir / f"{nifti_stem(src)}_mask.nii.gz", src)
+        logger.info(f"prostate: {src} -> {path} ({int(np.sum(item['pred']))} voxels)")
+        return {**item, "pred_path": path}
+
+
+class VolumeEvaluator:
+    """The inference engine: for every item of ``dataset`` (preprocessed, e.g. a MONAI
+    ``Dataset`` with :class:`LoadSlicesd`), ``pred = inferer(item["image"], network)``, then
+    ``postprocessing(item)``. ``run()`` returns the postprocessed items (``image`` dropped).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict[str, Any]],
+        network: torch.nn.Module,
+        inferer: SliceInferer,
+        postprocessing: Any | None = None,
+    ) -> None:
+        self.dataset, self.network, self.inferer = dataset, network, inferer
+        self.postprocessing = postprocessing
+
+    def run(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(len(self.dataset)):
+            item = self.dataset[i]
+            item = {**item, "pred": self.inferer(item["image"], self.network)}
+            if self.postprocessing is not None:
+                item = self.postprocessing(item)
+            out.append({k: v for k, v in item.items() if k != "image"})
+        return out
+
+
+def segment_files(
+    network: torch.nn.Module,
+    paths: Sequence[str | Path],
+    output_dir: str | Path,
+    mode: str = "grid",
+    batch_size: int = 4,
+    **grid_kwargs: Any,
+) -> list[Path]:
+    """Segment NIfTI volumes automatically; writes ``<stem>_mask.nii.gz`` with each input's
+    geometry. Every input is checked first (:func:`inference_datalist`). The pieces are
+    inference.json's: :class:`LoadSlicesd`, :class:`SliceInferer`,
+    :class:`SliceMasksToVolumed` + :class:`SaveMaskd`, run by :class:`VolumeEvaluator`."""
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+    net = network.module if hasattr(network, "module") else network
+    data = Dataset(inference_datalist(paths), LoadSlicesd(net.img_size, net.mask_size))
+    post = Compose([SliceMasksToVolumed(), SaveMaskd(output_dir)])
+    done = VolumeEvaluator(data, network, SliceInferer(mode, batch_size, **grid_kwargs), post)
+    return [item["pred_path"] for item in done.run()]
