@@ -82,6 +82,8 @@ def _sync(device: torch.device) -> None:
 def _model(args: argparse.Namespace, device: torch.device) -> DeSAM:
     torch.manual_seed(0)
     cfg = {**desam_preset(args.preset), "image_size": args.size}
+    if getattr(args, "pdmm_width", None):
+        cfg["pdmm_width"] = args.pdmm_width
     return build_desam(sam_checkpoint=args.sam_checkpoint, **cfg).to(device)
 
 
@@ -441,7 +443,8 @@ def part_sites(args: argparse.Namespace) -> dict:
             robust[name] = prompt_robustness(net, test, args.grid)
     print(f"\ncross-site phantoms: train site A ({len(train)} cases, {len(ds)} slices), "
           f"held-out A ({len(held)} cases), test B-F ({len(test)} cases); {args.steps} steps "
-          f"of batch {args.batch}, lr {args.lr:g} poly; preset {args.preset} at {args.size}^2 "
+          f"of batch {args.batch}, lr {args.lr:g} poly; preset {args.preset} at {args.size}^2, "
+          f"PDMM width {args.pdmm_width or desam_preset(args.preset)['pdmm_width']} "
           f"({'random' if not args.sam_checkpoint else 'given'} SAM weights), grid "
           f"{args.grid}x{args.grid}; device {args.device}")  # fmt: skip
     sites = sorted(results["desam"]["sites"])
@@ -503,6 +506,12 @@ def main() -> None:
         help="site A cases held out of training (the in-domain column)",
     )
     ap.add_argument("--figure", default=None, help="sites part: save a comparison PNG here")
+    ap.add_argument(
+        "--pdmm-width",
+        type=int,
+        default=None,
+        help="PDMM's width (the preset's by default; the reference's is 256)",
+    )
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -8,11 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from sam3d.apps.prostate import (
     cache_dir_for,
     cached_slices,
     dice_3d,
+    evaluate_cases,
     load_cases,
     prostate_datalist,
     segment_files,
@@ -109,6 +111,33 @@ def test_leave_sites_out_evaluation_writes_per_case_and_per_site_dice(trained, t
     ks = np.flatnonzero(gt.any(axis=(0, 1)))
     (row,) = [r for r in rows if r["case"] == stem]
     assert float(row["dice"]) == pytest.approx(dice_3d(mask[:, :, ks], gt[:, :, ks]), abs=1e-6)
+    # and its count of ground-truth slices left empty is the written mask's
+    assert int(row["gt_slices"]) == len(ks)
+    assert int(row["empty_slices"]) == int((~mask[:, :, ks].any(axis=(0, 1))).sum())
+
+
+def test_evaluation_counts_and_warns_about_ground_truth_slices_left_empty(
+    trained, tmp_path, caplog
+):
+    class Nothing(torch.nn.Module):  # a network that never finds anything
+        img_size, mask_size = 64, 16
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def segment(self, images, mode="grid", **_):
+            return torch.zeros(len(images), self.mask_size, self.mask_size, dtype=torch.bool)
+
+    cases = prostate_datalist(trained / "data" / "prostate", "test", ["A"], phantom=PHANTOM)[:2]
+    n_gt = 0
+    for c in cases:
+        gt = np.asarray(nib.load(c["label"]).dataobj) > 0
+        n_gt += int(gt.any(axis=(0, 1)).sum())
+    with caplog.at_level("WARNING"):
+        out = evaluate_cases(Nothing(), cases, tmp_path, "grid", iou_threshold=0.5)
+    assert out["gt_slices"] == out["empty_slices"] == n_gt > 0 and out["test_dice"] == 0.0
+    assert "no candidate passed iou_threshold 0.5" in caplog.text
 
 
 def test_a_2d_or_4d_nifti_gets_one_clear_message_and_nothing_is_written(

@@ -92,3 +92,27 @@ def test_vessel_preview(tmp_path):
     assert _count(png, np.array([0.0, 1.0, 0.9]), tol=0.15) > 20  # the label overlay
     with pytest.raises(Sam3DError, match="label shape"):
         save_vessel_preview(vp.image, vp.label[:10], tmp_path / "v.png")
+
+
+def test_comparison_grid_outlines_truth_and_each_models_mask(tmp_path):
+    from sam3d.visualize import save_comparison_grid
+
+    img = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    gt = np.zeros((32, 32), bool)
+    gt[8:24, 8:24] = True
+    near, empty = np.zeros_like(gt), np.zeros_like(gt)
+    near[2:14, 2:14] = True  # overlaps the truth, outlines apart
+    path = save_comparison_grid(
+        [img, img], [gt, gt], {"found": [near, near], "nothing": [empty, empty]},
+        tmp_path / "grid.png", ["site B", "site C"], {"found": [1.0, 1.0]}, "test",
+    )  # fmt: skip
+    png = imread(path)
+    assert png.shape[0] > png.shape[1]  # two rows of two panels, taller than wide
+    # the truth is outlined in all four panels, a prediction only in the "found" column
+    left, right = png[:, : png.shape[1] // 2], png[:, png.shape[1] // 2 :]
+    assert _count(left, CYAN) > 30 and _count(right, CYAN) > 30
+    assert _count(left, YELLOW) > 30 and _count(right, YELLOW) == 0
+    with pytest.raises(Sam3DError, match="one entry per row"):
+        save_comparison_grid([img], [gt, gt], {"m": [gt]}, tmp_path / "x.png")
+    with pytest.raises(Sam3DError, match="must have one shape"):
+        save_comparison_grid([img], [gt], {"m": [gt[:10]]}, tmp_path / "x.png")

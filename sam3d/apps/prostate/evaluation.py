@@ -42,15 +42,19 @@ def evaluate_cases(
 
     As the reference, Dice is computed over the slices with ground truth
     (``gt_slices_only``; False: over the whole volume). Writes
-    ``output_dir/metrics_per_case.csv`` (case, site, dice) and ``metrics_per_site.csv``
-    (site, n, mean, std, and ``all``); logs ``test_dice`` and ``test_dice_<site>`` to
-    ``mlflow_run`` (an :class:`sam3d.engine.MLflowRun`) if given. Returns the summary.
+    ``output_dir/metrics_per_case.csv`` (case, site, dice, gt_slices, empty_slices: the
+    ground-truth slices given an empty mask) and ``metrics_per_site.csv`` (site, n, mean,
+    std, and ``all``); logs ``test_dice``, ``test_dice_<site>`` and ``empty_slices`` to
+    ``mlflow_run`` (an :class:`sam3d.engine.MLflowRun`) if given. Returns the summary
+    (``test_dice``, ``sites``, ``gt_slices``, ``empty_slices``). A warning says when most
+    ground-truth slices got no mask (in grid mode: no candidate passed the IoU threshold).
     """
     from sam3d.engine.reporting import write_csv  # sam3d.engine imports MLflow
 
     out = Path(output_dir)
-    rows: list[list[Any]] = [["case", "site", "dice"]]
+    rows: list[list[Any]] = [["case", "site", "dice", "gt_slices", "empty_slices"]]
     per_site: dict[str, list[float]] = {}
+    n_gt = n_empty = 0
     for case in cases:
         image, label = load_image_label(case["image"], case["label"])
         pred = segment_volume(network, image[0].numpy(), mode, batch_size, **grid_kwargs)
@@ -59,11 +63,15 @@ def evaluate_cases(
             ks = np.flatnonzero(gt.any(axis=(0, 1)))
             pred, gt = pred[:, :, ks], gt[:, :, ks]
         d = dice_3d(pred, gt)
-        rows.append([nifti_stem(case["image"]), case["site"], f"{d:.6f}"])
+        has_gt = gt.any(axis=(0, 1))
+        empty = int((has_gt & ~(pred > 0).any(axis=(0, 1))).sum())
+        n_gt, n_empty = n_gt + int(has_gt.sum()), n_empty + empty
+        rows.append([nifti_stem(case["image"]), case["site"], f"{d:.6f}", int(has_gt.sum()), empty])
         per_site.setdefault(case["site"], []).append(d)
     all_d = [d for v in per_site.values() for d in v]
     site_rows: list[list[Any]] = [["site", "n", "dice_mean", "dice_std"]]
-    summary: dict[str, Any] = {"test_dice": float(np.mean(all_d)), "sites": {}}
+    summary: dict[str, Any] = {"test_dice": float(np.mean(all_d)), "sites": {},
+                               "gt_slices": n_gt, "empty_slices": n_empty}  # fmt: skip
     for site in sorted(per_site):
         v = per_site[site]
         site_rows.append([site, len(v), f"{np.mean(v):.6f}", f"{np.std(v):.6f}"])
@@ -73,11 +81,20 @@ def evaluate_cases(
     write_csv(out / "metrics_per_site.csv", site_rows)
     logger.info(
         f"prostate evaluation ({mode}): Dice {summary['test_dice']:.4f}, "
-        f"per site {summary['sites']}"
+        f"per site {summary['sites']}; {n_empty} of {n_gt} ground-truth slices got no mask"
     )
+    if n_gt and n_empty > n_gt / 2:
+        hint = (
+            f" (grid mode: no candidate passed iou_threshold "
+            f"{grid_kwargs.get('iou_threshold', 0.5)} on those slices; check the IoU head)"
+            if mode == "grid"
+            else ""
+        )
+        logger.warning(f"{n_empty} of {n_gt} ground-truth slices got an empty mask{hint}")
     if mlflow_run is not None and getattr(mlflow_run, "enabled", False):
         client, run_id = mlflow_run.client, mlflow_run.run_id
         client.log_metric(run_id, "test_dice", summary["test_dice"])
+        client.log_metric(run_id, "empty_slices", n_empty)
         for site, v in summary["sites"].items():
             client.log_metric(run_id, f"test_dice_{site}", v)
         for name in ("metrics_per_case.csv", "metrics_per_site.csv"):
