@@ -16,7 +16,8 @@ Also printed: the cache's bytes per slice (float16, four maps) for ViT-B and ViT
 Part ``sites`` -- train on site A phantoms for the same steps, test on sites B-F, Dice
 per patient in 3D over the ground-truth slices (the reference's evaluation):
 
-- DeSAM, grid mode (an ``n x n`` point grid, IoU ranking);
+- DeSAM, grid mode (an ``n x n`` point grid, IoU ranking); with ``--box`` also a DeSAM
+  trained and evaluated on the whole-image box (the reference's second mode);
 - SAM's own decoder fine-tuned with the same prompts and steps (the coupled baseline),
   grid mode with its own IoU head and the same selection;
 - a MONAI 2D UNet trained for the same wall-clock time as DeSAM on the same slices.
@@ -300,7 +301,7 @@ def prompt_robustness(net, cases, n_per_side: int, iou_threshold: float = 0.5) -
     grid = None
     for case in cases:
         for _, x, y in case_slices(case, net.img_size, net.mask_size):
-            img = torch.as_tensor(x)[None].float()
+            img = torch.as_tensor(x)[None].float().to(next(net.parameters()).device)
             logits, iou = net.grid_candidates(net.encode(net.preprocess(img)), n_per_side)
             gt = torch.as_tensor(y) > 0
             if grid is None:
@@ -321,8 +322,9 @@ def prompt_robustness(net, cases, n_per_side: int, iou_threshold: float = 0.5) -
             "n_prompts_inside": len(inside), "n_prompts_outside": len(outside)}  # fmt: skip
 
 
-def _figure(path: Path, nets: dict, cases: list, grid: dict, results: dict) -> None:
-    """One case per site (the first), its middle ground-truth slice, every model's mask."""
+def _figure(path: Path, nets: dict, cases: list, results: dict) -> None:
+    """One case per site (the first), its middle ground-truth slice, every model's mask
+    (``nets``: name -> (network, automatic mode, its kwargs))."""
     from sam3d.apps.prostate import segment_volume
     from sam3d.data.io import load_image_label
     from sam3d.visualize import save_comparison_grid
@@ -340,9 +342,8 @@ def _figure(path: Path, nets: dict, cases: list, grid: dict, results: dict) -> N
         rows.append(vol[:, :, k].T)
         truths.append(lab[:, :, k].T)
         names.append(f"site {case['site']}")
-        for n, net in nets.items():
-            kw = grid if n != "unet" else {}
-            preds[n].append(segment_volume(net, vol, "grid", **kw)[:, :, k].T)
+        for n, (net, mode, kw) in nets.items():
+            preds[n].append(segment_volume(net, vol, mode, **kw)[:, :, k].T)
             scores[n].append(results[n]["per_case"].get(case["image"], float("nan")))
     save_comparison_grid(rows, truths, preds, path, names, scores,
                          "trained on site A; numbers: the case's 3D Dice")  # fmt: skip
@@ -407,6 +408,20 @@ def part_sites(args: argparse.Namespace) -> dict:
 
     items["coupled_sam_decoder"] = _train_steps(coupled_step, args.steps, opt_c)
     print(f"coupled: {args.steps} steps in {items['coupled_sam_decoder']:.1f} s", flush=True)
+    if args.box:  # the reference's second mode: whole-image box prompts, no IoU term
+        box_model = _model(args, device)  # same seed: the same frozen encoder as the cache's
+        opt_b = torch.optim.Adam([p for p in box_model.parameters() if p.requires_grad],
+                                 lr=args.lr)  # fmt: skip
+        box_model.train()
+
+        def box_step(i):
+            feats, _, lab, _ = batches[i]
+            opt_b.zero_grad()
+            loss_fn(box_model(feats), lab).backward()  # no prompt: the whole-image box
+            opt_b.step()
+
+        items["desam_whole_box"] = _train_steps(box_step, args.steps, opt_b)
+        print(f"DeSAM whole box: {args.steps} steps in {items['desam_whole_box']:.1f} s")
     # MONAI UNet for DeSAM's wall-clock time
     unet = UNetSegmenter(model.img_size, model.mask_size).to(device)
     opt_u = torch.optim.Adam(unet.parameters(), lr=1e-3)
@@ -427,19 +442,21 @@ def part_sites(args: argparse.Namespace) -> dict:
         n_unet += 1
     items["unet"] = time.perf_counter() - t0
     grid = {"n_per_side": args.grid, "iou_threshold": 0.5, "min_region_px": 1000}
-    nets = {"desam": model, "coupled_sam_decoder": coupled, "unet": unet}
+    nets = {"desam": (model, "grid", grid), "coupled_sam_decoder": (coupled, "grid", grid)}
+    if args.box:
+        nets["desam_whole_box"] = (box_model, "box", {})
+    nets["unet"] = (unet, "grid", {})
     results, robust = {}, {}
-    for name, net in nets.items():
+    for name, (net, mode, kw) in nets.items():
         net.eval()
-        kw = grid if name != "unet" else {}
-        res = evaluate_cases(net, test, root / "eval" / name, "grid", **kw)
-        res["held_out_A"] = evaluate_cases(net, held, root / "eval_A" / name, "grid", **kw)
+        res = evaluate_cases(net, test, root / "eval" / name, mode, **kw)
+        res["held_out_A"] = evaluate_cases(net, held, root / "eval_A" / name, mode, **kw)
         res["per_case"] = {
             **_per_case(root / "eval" / name / "metrics_per_case.csv", test),
             **_per_case(root / "eval_A" / name / "metrics_per_case.csv", held),
         }
         results[name] = res
-        if name != "unet":
+        if mode == "grid" and name != "unet":
             robust[name] = prompt_robustness(net, test, args.grid)
     print(f"\ncross-site phantoms: train site A ({len(train)} cases, {len(ds)} slices), "
           f"held-out A ({len(held)} cases), test B-F ({len(test)} cases); {args.steps} steps "
@@ -469,7 +486,7 @@ def part_sites(args: argparse.Namespace) -> dict:
         "top in: share of slices whose best-IoU point is inside)"
     )
     if args.figure:
-        _figure(Path(args.figure), nets, test + held, grid, results)
+        _figure(Path(args.figure), nets, test + held, results)
     return {"train_s": items, "results": results, "robustness": robust, "unet_steps": n_unet}
 
 
@@ -506,6 +523,11 @@ def main() -> None:
         help="site A cases held out of training (the in-domain column)",
     )
     ap.add_argument("--figure", default=None, help="sites part: save a comparison PNG here")
+    ap.add_argument(
+        "--box",
+        action="store_true",
+        help="sites part: also train DeSAM on whole-image boxes (evaluated in box mode)",
+    )
     ap.add_argument(
         "--pdmm-width",
         type=int,

@@ -75,6 +75,11 @@ if [[ "$MODE" == gpu ]]; then
     optional bench_samus scripts/bench_samus.py 60 --device cuda
     optional bench_desam scripts/bench_desam.py 60 memory --device cuda
     optional bench_serve scripts/bench_serve.py 60 --device cuda --max-seconds 40
+    # the CPU headline row of docs/BENCHMARKS.md (DeSAM cross-site), on the GPU (last:
+    # the longest optional step; a run cut short loses only it)
+    optional bench_desam_sites scripts/bench_desam.py 150 sites --device cuda --preset tiny \
+        --size 128 --cases 6 --in-plane 64 --slices 8 --steps 2000 --batch 4 --grid 9 \
+        --pdmm-width 256 --json "$OUT/bench_desam_sites.json"
 else
     run cuda_tests 120 "" "$PY" -m pytest -q -k cuda tests/test_cldice.py
     # one torch thread: on a shared CPU several threads are much slower (oversubscription)
