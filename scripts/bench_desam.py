@@ -46,7 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam3d.apps.prostate import cached_slices, case_slices, evaluate_cases, prostate_datalist
+from sam3d.apps.prostate import (
+    cached_slices,
+    case_slices,
+    dice_3d,
+    evaluate_cases,
+    prostate_datalist,
+)
 from sam3d.data.embedding_cache import EmbeddingCache, encoder_fingerprint
 from sam3d.losses import DeSAMLoss
 from sam3d.models.planar.desam import DeSAM, build_desam, desam_preset, select_grid_mask
@@ -286,11 +292,6 @@ def _train_steps(step, steps: int, opt: torch.optim.Optimizer) -> float:
     return time.perf_counter() - t0
 
 
-def _dice2d(a: torch.Tensor, b: torch.Tensor) -> float:
-    s = int(a.sum() + b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-
-
 @torch.no_grad()
 def prompt_robustness(net, cases, n_per_side: int, iou_threshold: float = 0.5) -> dict:
     """Every grid candidate of every ground-truth slice against the truth (2D Dice): mean
@@ -310,7 +311,7 @@ def prompt_robustness(net, cases, n_per_side: int, iou_threshold: float = 0.5) -
             c = (grid[:, 0] * net.mask_size / net.img_size).long().clamp(0, net.mask_size - 1)
             pin = gt[r, c]
             for k in range(len(grid)):
-                d = _dice2d(logits[k] > 0, gt)
+                d = dice_3d((logits[k] > 0).numpy(), gt.numpy())  # any shape
                 (inside if pin[k] else outside).append(d)
                 if not pin[k]:
                     passed_out.append(float(iou[k]) > iou_threshold)
