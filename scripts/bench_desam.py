@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmem import peak_gib, reset_peak, sync  # scripts/benchmem.py
 
 from sam3d.apps.prostate import (
     cached_slices,
@@ -60,36 +61,10 @@ from sam3d.models.planar.desam import DeSAM, build_desam, desam_preset, select_g
 REFERENCE_BYTES_PER_SLICE = (3 * 1280 + 256) * 64 * 64 * 4  # float32 ViT-H, four maps
 
 
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux)
-        except OSError:
-            pass
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _model(args: argparse.Namespace, device: torch.device) -> DeSAM:
     torch.manual_seed(0)
     cfg = {**desam_preset(args.preset), "image_size": args.size}
-    if getattr(args, "pdmm_width", None):
+    if args.pdmm_width:
         cfg["pdmm_width"] = args.pdmm_width
     return build_desam(sam_checkpoint=args.sam_checkpoint, **cfg).to(device)
 
@@ -232,15 +207,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
     for _ in range(args.warmup):
         step()
-    _sync(device)
-    _reset_peak(device)
+    sync(device)
+    reset_peak(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
-    row = {"variant": name, "step_s": float(np.median(times)), "peak_gib": _peak_gib(device)}
+    row = {"variant": name, "step_s": float(np.median(times)), "peak_gib": peak_gib(device)}
     if name == "cache":
         row["cache_bytes_per_slice"] = cache.bytes_per_entry
     tmp.cleanup()

@@ -16,7 +16,6 @@ process) and, on the CPU, the peak resident set (VmHWM) of a fresh process per v
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchmem import peak_gib, reset_peak, sync  # scripts/benchmem.py
 
 from sam3d.models.planar.topolora import TopoLoRASam
 from sam3d.models.sam.build import build_sam
@@ -38,32 +38,6 @@ VARIANTS = {
     "TopoLoRA + fused attention": (True, True, False),
     "TopoLoRA + fused + checkpointing": (True, True, True),
 }
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # "5" resets the peak resident set size of this process (Linux)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _run_isolated(name: str, args: argparse.Namespace) -> dict:
@@ -109,10 +83,10 @@ def bench(args: argparse.Namespace) -> list[dict]:
         model = build_variant(args.preset, args.size, lora, fused, ckpt).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-        _reset_peak(device)
+        reset_peak(device)
         times = []
         for step in range(args.warmup + args.steps):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -120,14 +94,14 @@ def bench(args: argparse.Namespace) -> list[dict]:
             loss = F.binary_cross_entropy_with_logits(logits.float(), target)
             loss.backward()
             opt.step()
-            _sync(device)
+            sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
         rows.append(
             {
                 "variant": name,
                 "step_ms": 1000 * statistics.median(times),
-                "peak_gib": _peak_gib(device),
+                "peak_gib": peak_gib(device),
                 "trainable": sum(p.numel() for p in params),
             }
         )

@@ -199,15 +199,14 @@ def test_remove_small_regions_matches_a_hand_case():
     m = np.zeros((8, 8), bool)
     m[1:6, 1:6] = True
     m[3, 3] = False  # 1 px hole
-    m[7, 7] = True  # 1 px island, touching the square only diagonally: not 8-connected
-    m[6, 6] = False
+    m[7, 7] = True  # 1 px island, two pixels off the square's corner (5, 5)
     filled, changed = remove_small_regions(m, 2, "holes")
     assert changed and filled[3, 3] and filled.sum() == m.sum() + 1
     out, changed = remove_small_regions(filled, 2, "islands")
     expected = np.zeros((8, 8), bool)
     expected[1:6, 1:6] = True
     assert changed and (out == expected).all()
-    m[6, 6] = True  # now the corner pixel joins the square 8-connectedly: nothing to drop
+    m[6, 6] = True  # a diagonal bridge: 8-connected it joins the island to the square
     assert not remove_small_regions(m | filled, 2, "islands")[1]
     # every island small: the largest is kept (SAM's rule)
     two = np.zeros((8, 8), bool)
