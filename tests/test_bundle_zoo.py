@@ -53,13 +53,16 @@ def test_in_repo_bundle_passes_the_offline_zoo_checks(bundle):
 
 
 def test_the_checks_catch_what_the_issue_found(tmp_path):
-    """Before this work: no LICENSE, ignite pinned to 0.5, sam3d-med pinned, no
-    train#key_metric, a README without the template, a promptable network_def."""
+    """Before this work: no LICENSE, ignite pinned below the declared range, an undeclared
+    pin, sam3d-med pinned, no train#key_metric, a README without the template, a
+    promptable network_def."""
     bad = tmp_path / "kits"
     shutil.copytree(REPO / "bundles" / "kits", bad)
     (bad / "LICENSE").unlink()
     meta = json.loads((bad / "metadata.json").read_text())
-    meta["required_packages_version"].update({"pytorch-ignite": "0.5", "sam3d-med": "0.1.0"})
+    meta["required_packages_version"].update(
+        {"pytorch-ignite": "0.4.13", "sam3d-med": "0.1.0", "requests": "2.32.3"}
+    )
     meta["version"] = "9.9.9"
     (bad / "metadata.json").write_text(json.dumps(meta))
     train = json.loads((bad / "train.json").read_text())
@@ -70,7 +73,8 @@ def test_the_checks_catch_what_the_issue_found(tmp_path):
     got = {c.name: c for c in check_bundle(bad, overrides=TINY["kits"])}
     assert "missing LICENSE" in got["files"].detail
     assert "9.9.9 not in changelog" in got["changelog"].detail
-    assert "pytorch-ignite==0.5 but 0.5.5" in got["pins"].detail
+    assert "pytorch-ignite==0.4.13 is outside sam3d-med's declared range" in got["pins"].detail
+    assert "requests is pinned but sam3d-med does not declare it" in got["pins"].detail
     assert "sam3d-med is not on the package index" in got["pins"].detail
     assert "train: no train::key_metric" in got["properties"].detail
     assert "'Model Description'" in got["readme"].detail

@@ -72,10 +72,31 @@ def readme_sections(text: str) -> list[str]:
     return [s for s in README_SECTIONS if s.lower() not in heads]
 
 
+def declared_requirements(dist: str = "sam3d-med") -> dict[str, Any]:
+    """The project's declared dependency ranges (``pyproject.toml``, as installed), by
+    canonical name: the one place a bundle's pins are checked against."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        lines = requires(dist) or []
+    except PackageNotFoundError:
+        return {}
+    out = {}
+    for line in lines:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out[canonicalize_name(req.name)] = req.specifier
+    return out
+
+
 def _pins(metadata: dict[str, Any]) -> list[str]:
-    """Problems of the version pins: each must be the installed (index) version."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+    """Problems of the version pins: each must be a version inside the project's declared
+    range for that package (so a dependency's new release breaks no pin)."""
+    from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion, Version
 
     pins = dict(metadata.get("required_packages_version") or {})
     pins.update(metadata.get("optional_packages_version") or {})
@@ -86,18 +107,22 @@ def _pins(metadata: dict[str, Any]) -> list[str]:
             "numpy": metadata.get("numpy_version"),
         }
     )
+    declared = declared_requirements()
     problems = []
     for name, pin in pins.items():
         if name in NOT_ON_INDEX:
             problems.append(f"{name} is not on the package index: {NOT_ON_INDEX[name]}")
             continue
         try:
-            have = installed(name).split("+")[0]
-        except PackageNotFoundError:
-            problems.append(f"{name}=={pin} is not installed here, so its pin is unchecked")
+            version = Version(str(pin))
+        except InvalidVersion:
+            problems.append(f"{name}=={pin} is not a version")
             continue
-        if str(pin) != have:
-            problems.append(f"{name}=={pin} but {have} is installed (pin a released version)")
+        spec = declared.get(canonicalize_name(name))
+        if spec is None:
+            problems.append(f"{name} is pinned but sam3d-med does not declare it")
+        elif not spec.contains(version, prereleases=True):
+            problems.append(f"{name}=={pin} is outside sam3d-med's declared range {name}{spec}")
     return problems
 
 
