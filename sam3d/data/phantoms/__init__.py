@@ -45,6 +45,7 @@ from sam3d.data.phantoms.prostate import (
     write_prostate_dataset,
 )
 from sam3d.data.phantoms.registry import PhantomFamily, family_names, get_family, register_family
+from sam3d.data.phantoms.synth import SynthPhantom, make_synth_phantom
 from sam3d.data.phantoms.vessels import VesselPhantom, make_vessel_phantom
 from sam3d.data.splits import carve
 from sam3d.errors import Sam3DError
@@ -65,6 +66,7 @@ __all__ = [
     "Lesion",
     "PhantomFamily",
     "ProstatePhantom",
+    "SynthPhantom",
     "VesselPhantom",
     "_rotation",
     "case_seed",
@@ -73,6 +75,7 @@ __all__ = [
     "make_affine",
     "make_ct_phantom",
     "make_prostate_phantom",
+    "make_synth_phantom",
     "make_vessel_phantom",
     "save_nifti",
     "save_png",
@@ -113,6 +116,38 @@ def _write_ct_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[d
 def _ct_bright(case: dict[str, Any]) -> bool:
     """Whether the case's first lesion is brighter than its kidney (``balance_contrast``)."""
     return bool(case["lesion_contrasts_hu"]) and case["lesion_contrasts_hu"][0] > 0
+
+
+def _write_volume_case(
+    prefix: str, ph: Any, i: int, s: int, out: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """image (int16 HU), label (uint8) and instances (uint16) of a lesion family's case."""
+    name = f"{prefix}_{i:03d}.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, out / "imagesTr" / name, np.int16)
+    save_nifti(ph.label, ph.affine, out / "labelsTr" / name, np.uint8)
+    save_nifti(ph.instances, ph.affine, out / "instancesTr" / name, np.uint16)
+    entry = {
+        "image": f"./imagesTr/{name}",
+        "label": f"./labelsTr/{name}",
+        "instance": f"./instancesTr/{name}",
+    }
+    case = {
+        "case": name,
+        "seed": s,
+        "shape_vox": list(ph.image_hu.shape),
+        "spacing_mm": [round(v, 4) for v in ph.spacing_mm],
+        "orientation": ph.orientation,
+        "lesions": [
+            {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(les).items()
+             if k != "center_vox"}
+            for les in ph.lesions
+        ],
+    }  # fmt: skip
+    return entry, case
+
+
+def _write_synth_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    return _write_volume_case("synth", make_synth_phantom(s, **kwargs), i, s, out)
 
 
 def _write_echo_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[dict, dict]:
@@ -181,6 +216,19 @@ register_family(
         labels={str(k): v for k, v in ECHO_LABELS.items()},
         write_case=_write_echo_case,
         shape_option="size",
+    )
+)
+register_family(
+    PhantomFamily(
+        "synth",
+        "domain-randomised volumes (SynthSeg-style): organs and 1-5 lesions per volume, "
+        "random intensities, spacing, orientation, blur, bias, noise; instance ids",
+        dims=3,
+        modality="CT",
+        labels={"0": "background", "1": "organ", "2": "lesion"},
+        write_case=_write_synth_case,
+        shape_option="shape_vox",
+        spacing_option="spacing_mm",
     )
 )
 register_family(
