@@ -37,6 +37,7 @@ from sam3d.data.phantoms.echo import (
     EchoPhantom,
     make_echo_phantom,
 )
+from sam3d.data.phantoms.heldout import HeldoutPhantom, make_heldout_phantom
 from sam3d.data.phantoms.prostate import (
     SITES,
     ProstatePhantom,
@@ -63,6 +64,7 @@ __all__ = [
     "TISSUES",
     "TISSUE_HU",
     "CTPhantom",
+    "HeldoutPhantom",
     "Lesion",
     "PhantomFamily",
     "ProstatePhantom",
@@ -74,6 +76,7 @@ __all__ = [
     "get_family",
     "make_affine",
     "make_ct_phantom",
+    "make_heldout_phantom",
     "make_prostate_phantom",
     "make_synth_phantom",
     "make_vessel_phantom",
@@ -148,6 +151,13 @@ def _write_volume_case(
 
 def _write_synth_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[dict, dict]:
     return _write_volume_case("synth", make_synth_phantom(s, **kwargs), i, s, out)
+
+
+def _write_heldout_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    ph = make_heldout_phantom(s, **kwargs)
+    entry, case = _write_volume_case("heldout", ph, i, s, out)
+    case["phase"] = ph.phase
+    return entry, case
 
 
 def _write_echo_case(i: int, s: int, out: Path, kwargs: dict[str, Any]) -> tuple[dict, dict]:
@@ -229,6 +239,19 @@ register_family(
         write_case=_write_synth_case,
         shape_option="shape_vox",
         spacing_option="spacing_mm",
+    )
+)
+register_family(
+    PhantomFamily(
+        "heldout",
+        "EVALUATION ONLY, never for training: a second generator (liver / spleen, "
+        "spiculated, cystic and multi-lobed lesions, contrast phases, 3 clinical grids)",
+        dims=3,
+        modality="CT",
+        labels={"0": "background", "1": "organ", "2": "lesion"},
+        write_case=_write_heldout_case,
+        spacing_option="grid_mm",
+        training=False,
     )
 )
 register_family(
