@@ -56,7 +56,7 @@ def click_maps(
     for a, size in enumerate(shape):
         d = torch.arange(size, device=dev, dtype=torch.float32)[None, None] - points[..., a, None]
         prof.append(d.float() ** 2)  # B x N x size
-    d2 = (prof[0][..., :, None, None] + prof[1][..., None, :, None] + prof[2][..., None, None, :])
+    d2 = prof[0][..., :, None, None] + prof[1][..., None, :, None] + prof[2][..., None, None, :]
     if kind == "gaussian":
         g = torch.exp(-d2 / (2.0 * sigma**2))
     elif kind == "disk":
