@@ -548,7 +548,8 @@ def _corpus(ckpts: dict[str, str]) -> list[Case]:
         lambda f: _segment_args(good(f), f, ck, "--negative", "-0.2,8,4"),
         "accepted",
     )
-    add("automatic_mode", lambda f: _segment_args(good(f), f, ck, click=None), "accepted")
+    # a checkpoint trained with clicks only is refused automatic mode (issue 23 item 7)
+    add("automatic_mode", lambda f: _segment_args(good(f), f, ck, click=None), "refused")
     for name, value, expect in (
         ("tpu", "tpu", "refused"),
         ("cuda99", "cuda:99", "refused" if not torch.cuda.is_available() else None),

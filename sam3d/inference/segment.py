@@ -12,7 +12,12 @@ import torch
 
 from sam3d.data.io import commit_outputs, is_nifti_name, load_image
 from sam3d.errors import Sam3DError
-from sam3d.inference.session import ClickSession, load_model_for_inference, resolve_dataset
+from sam3d.inference.session import (
+    ClickSession,
+    check_automatic_mode,
+    load_model_for_inference,
+    resolve_dataset,
+)
 from sam3d.inference.windows import WindowGrowth
 
 # A CT in Hounsfield units has air (about -1000 HU) around the body or in the lungs and
@@ -36,7 +41,8 @@ def segment_file(
     overlap: float = 0.25,
     dataset: Mapping[str, Any] | str | None = None,
 ) -> ClickSession:
-    """Segment ``image`` from clicks (automatic mode without any) and write ``out``.
+    """Segment ``image`` from clicks (automatic mode without any, for a checkpoint trained
+    for it: :func:`~sam3d.inference.session.check_automatic_mode`) and write ``out``.
 
     Clicks are original voxel indices, or RAS mm with ``world``. ``dataset`` (a preset
     name, JSON path or dict) replaces the checkpoint's intensity preset. Every user
@@ -64,6 +70,8 @@ def segment_file(
     preset = resolve_dataset(dataset) if dataset is not None else None
     volume = load_image(image)  # a bad image is refused before a large checkpoint is read
     model, meta = load_model_for_inference(checkpoint, device)
+    if not (clicks or negatives):
+        check_automatic_mode(meta, checkpoint)
     if preset is None:
         if not isinstance(meta.get("dataset"), Mapping | str):
             raise Sam3DError(
