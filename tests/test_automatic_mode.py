@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from sam3d.data.phantoms.common import make_affine, save_nifti
-from sam3d.inference.session import ClickSession, body_mask
+from sam3d.inference.auto import body_mask
+from sam3d.inference.session import ClickSession
 
 KITS = "kits"
 
@@ -27,8 +28,8 @@ def _body_volume(shape=(40, 36, 16)):
 
 def test_body_mask_by_hand():
     img, body = _body_volume()
-    np.testing.assert_array_equal(body_mask(img), body)
-    assert body_mask(np.full((4, 4, 4), 30.0)).all()  # no air: all body
+    np.testing.assert_array_equal(body_mask(img > -500), body)
+    assert body_mask(np.full((4, 4, 4), True)).all()  # no air: all body
 
 
 class EverythingModel(torch.nn.Module):
@@ -51,7 +52,12 @@ def test_automatic_mode_predicts_nothing_outside_the_body(tmp_path):
     save_nifti(img, make_affine((1.0, 1.0, 2.0), img.shape, "LPS"), path, np.int16)
     session = ClickSession(EverythingModel(), path, KITS, device="cpu")
     mask = session.segment_all(overlap=0.25).numpy()
-    np.testing.assert_array_equal(mask, body)
+    # the body (40 HU and the lung) on the 1 mm grid, resampled back: exact but at its rim
+    from scipy import ndimage
+
+    ball = np.ones((3, 3, 3), bool)
+    assert not (mask & ~ndimage.binary_dilation(body, ball)).any()
+    assert mask[ndimage.binary_erosion(body, ball)].all()
     assert mask[16:22, 14:18, 5:11].all()  # the lung pocket is inside the body
     assert not mask[:, 32:34, :].any()  # the table stays out
 

@@ -3,7 +3,8 @@
 MONAI's :class:`~monai.inferers.SlidingWindowInferer` runs the windows on the GPU
 (``sw_device``) and stitches them on the CPU (``device``), so GPU memory does not
 grow with the volume. Each window is decoded with one padding prompt (label -1),
-which the prompt encoder ignores.
+which the prompt encoder ignores. Nothing is predicted outside the body
+(:func:`inside_body`): a click model's automatic mode can otherwise mark blobs in the air.
 """
 
 from __future__ import annotations
@@ -11,8 +12,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
+
+# A windowed CT has air at the window's floor; a volume with fewer voxels there has no air.
+MIN_AIR_FRACTION = 0.005
+
+
+def body_mask(above_air: np.ndarray) -> np.ndarray:
+    """The body: the largest 26-connected component of ``above_air`` (bool ``I x J x K``),
+    holes filled slice by slice along each axis (lungs and bowel gas lie inside)."""
+    from scipy import ndimage
+
+    above = np.asarray(above_air, dtype=bool)
+    if above.all() or not above.any():
+        return np.ones(above.shape, dtype=bool)
+    comps, _ = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
+    body = comps == 1 + int(np.argmax(np.bincount(comps.ravel())[1:]))
+    for axis in range(3):
+        filled = [ndimage.binary_fill_holes(s) for s in np.moveaxis(body, axis, 0)]
+        body = np.moveaxis(np.stack(filled, axis=0), 0, axis)
+    return body
+
+
+def inside_body(prob: torch.Tensor, volume: torch.Tensor, air: float | None) -> torch.Tensor:
+    """``prob`` (``H x W x D``) set to 0 outside the body of the preprocessed ``volume``
+    (``H x W x D``, windowed and z-scored): the body is :func:`body_mask` of the voxels
+    above ``air`` (the window's floor after the z-score,
+    :func:`sam3d.data.pipelines.air_value`). A volume with (almost) no voxel at the floor
+    has no air around it: all body. ``air`` None: ``prob`` unchanged."""
+    if air is None:
+        return prob
+    at_floor = volume.detach().float().cpu() <= float(air) + 1e-4
+    if float(at_floor.float().mean()) < MIN_AIR_FRACTION:
+        return prob
+    body = torch.from_numpy(body_mask((~at_floor).numpy()))
+    return prob * body.to(prob.device, prob.dtype)
 
 
 class PromptFreeNetwork(torch.nn.Module):

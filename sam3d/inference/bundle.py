@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from sam3d.inference.auto import sliding_window_probability
+from sam3d.inference.auto import inside_body, sliding_window_probability
 from sam3d.inference.grid import grid_spacing_mm
 from sam3d.inference.windows import WindowGrowth, WindowPredictor, roi_tuple, select_seed_windows
 
@@ -53,6 +53,8 @@ class ClickInferer(Inferer):
         amp: bfloat16 autocast on CUDA.
         output_device: where the automatic mode stitches the whole volume (the CPU, so
             GPU memory does not grow with the volume).
+        air: the preprocessed value of air (the window's floor); the automatic mode then
+            predicts nothing outside the body (:func:`~sam3d.inference.auto.inside_body`).
         output: ``"probability"`` (``B x 1``, the tumour probability) or ``"logits"``
             (``B x 2``: ``log(1 - p), log(p)``, whose softmax is ``[1 - p, p]``; what
             training's validation postprocessing expects).
@@ -67,8 +69,10 @@ class ClickInferer(Inferer):
         amp: bool = True,
         output_device: str | torch.device = "cpu",
         output: str = "probability",
+        air: float | None = None,
     ) -> None:
         super().__init__()
+        self.air = air
         if output not in ("probability", "logits"):
             raise ValueError(f"output must be 'probability' or 'logits', got {output!r}")
         self.output = output
@@ -119,6 +123,7 @@ class ClickInferer(Inferer):
                     device=self.output_device,
                     amp=self.amp,
                 )
+                prob = inside_body(prob, volume[0], self.air)
             outs.append(prob[None])
         out = torch.stack([o.to(outs[0].device) for o in outs])
         if self.output == "logits":

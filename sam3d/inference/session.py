@@ -120,27 +120,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-# Below this HU a voxel is air (as sam3d.data.pipelines.BODY_HU, the body crop's threshold).
-AIR_HU = -500.0
-
-
-def body_mask(image_hu: np.ndarray, air_hu: float = AIR_HU) -> np.ndarray:
-    """The body of a CT volume (HU, ``I x J x K``): the largest 26-connected component of
-    voxels above ``air_hu``, holes filled slice by slice along each axis (lungs and bowel
-    gas are inside the body). A volume without air is all body."""
-    from scipy import ndimage
-
-    above = np.asarray(image_hu) > air_hu
-    if above.all() or not above.any():
-        return np.ones(above.shape, dtype=bool)
-    comps, n = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
-    body = comps == 1 + int(np.argmax(np.bincount(comps.ravel())[1:]))
-    for axis in range(3):
-        body = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(body, axis, 0)], axis=0)
-        body = np.moveaxis(body, 0, axis)
-    return body
-
-
 def check_automatic_mode(meta: Mapping[str, Any], checkpoint: Any) -> None:
     """Refuse automatic mode (no clicks) for a checkpoint not trained for it.
 
@@ -353,11 +332,11 @@ class ClickSession:
         Windows run on the session's device, the stitched volume lives on
         ``output_device`` (the CPU by default, so GPU memory does not grow with the
         volume); the map is moved back to the session's device only to be inverted.
-        Nothing is predicted outside the body (:func:`body_mask` of the original image).
+        Nothing is predicted outside the body (:func:`~sam3d.inference.auto.inside_body`).
         Whether a checkpoint was trained for this mode is the caller's question
         (``sam3d segment`` refuses one that was not: :func:`check_automatic_mode`).
         """
-        from sam3d.inference.auto import sliding_window_probability
+        from sam3d.inference.auto import inside_body, sliding_window_probability
 
         prob = sliding_window_probability(
             self.model,
@@ -371,10 +350,10 @@ class ClickSession:
             progress=progress,
         )
         self.reset()
-        mask = self._finish(prob.to(self.device))
-        body = torch.as_tensor(body_mask(self.original_image[0].cpu().numpy()), device=mask.device)
-        self.mask = mask & body
-        return self.mask
+        from sam3d.data.pipelines import air_value
+
+        body_only = inside_body(prob, self.grid_image[0], air_value(self.dataset))
+        return self._finish(body_only.to(self.device))
 
     # -- output -------------------------------------------------------------------
 
