@@ -1,6 +1,9 @@
-"""Synthetic data, seeded: abdominal CT volumes with kidney lesions (:mod:`.ct`),
-fundus-like vessel images (:mod:`.vessels`), echocardiography-like images (:mod:`.echo`)
-and multi-site prostate MRI (:mod:`.prostate`), written as MSD-style datasets."""
+"""Synthetic data, seeded, as a registry of families (:mod:`.registry`): abdominal CT
+volumes with kidney lesions (:mod:`.ct`), domain-randomised training volumes (:mod:`.synth`),
+the held-out second generator for evaluation only (:mod:`.heldout`), fundus-like vessel
+images (:mod:`.vessels`), echocardiography-like images (:mod:`.echo`) and multi-site
+prostate MRI (:mod:`.prostate`), written as MSD-style datasets by
+:func:`write_phantom_dataset`."""
 
 from __future__ import annotations
 
