@@ -38,8 +38,12 @@ def ensure_dataset(
     n_cases: int = 12,
     seed: int = 0,
     phantom_kwargs: dict[str, Any] | None = None,
+    phantom_kind: str = "ct",
 ) -> str:
-    """Return the dataset kind of ``dataset_dir``; generate CT phantoms there if it holds none.
+    """Return the dataset kind of ``dataset_dir``; generate phantoms there if it holds none.
+
+    ``phantom_kind``: the phantom family generated (``sam3d.data.phantoms``; ``ct`` the
+    abdominal CT phantoms, ``synth`` the domain-randomised training family where present).
 
     Generation is deterministic (``seed``) and happens only when the folder is missing or
     empty; a non-empty folder without a recognisable dataset is an error. ``phantom_kwargs``
@@ -62,11 +66,12 @@ def ensure_dataset(
         kwargs = {
             k: tuple(v) if isinstance(v, list) else v for k, v in (phantom_kwargs or {}).items()
         }
+        what = "synthetic CT" if phantom_kind == "ct" else f"synthetic {phantom_kind}"
         logger.warning(
-            f"dataset: no dataset in {root}: generating {n_cases} synthetic CT phantoms there "
+            f"dataset: no dataset in {root}: generating {n_cases} {what} phantoms there "
             f"(seed {seed}, {kwargs or 'default size'}); pass --dataset_dir for real data."
         )
-        write_phantom_dataset("ct", root, n=int(n_cases), seed=int(seed), **kwargs)
+        write_phantom_dataset(phantom_kind, root, n=int(n_cases), seed=int(seed), **kwargs)
     barrier()
     return "msd"
 
@@ -124,3 +129,31 @@ def load_datalist(
             f"{len(missing)} file(s) of the {split} split are missing, e.g. {missing[0]}."
         )
     return data
+
+
+def default_preset(cuda: bool | None = None) -> str:
+    """The bundle's model preset when none is given, said once on the console.
+
+    On CUDA ``vit_b`` (the reference; pass ``--sam_checkpoint sam_vit_b_01ec64.pth`` for
+    SAM's weights); without CUDA ``tiny``, which trains in minutes on a CPU.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
+    if cuda:
+        message = (
+            "preset vit_b (CUDA found; the reference model: pass --sam_checkpoint "
+            "sam_vit_b_01ec64.pth to start from SAM's weights)"
+        )
+        name = "vit_b"
+    else:
+        message = (
+            "no CUDA: preset tiny (a small random-initialised Sam3D that trains in minutes "
+            "on a CPU); for vit_b from SAM weights on a GPU: --preset vit_b "
+            "--sam_checkpoint sam_vit_b_01ec64.pth"
+        )
+        name = "tiny"
+    if is_rank0():
+        print(f"[kits] {message}", flush=True)
+        logger.info(message)
+    return name

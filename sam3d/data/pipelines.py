@@ -39,9 +39,14 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandRotate90d,
+    RandRotated,
+    RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
     RandZoomd,
@@ -69,6 +74,28 @@ __all__ = [
 ]
 
 DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
+
+# Training augmentation (kits bundle README, "Augmentation"): at least the reference's
+# (3DSAM-adapter: zoom p 0.8 in 0.85-1.25, flips p 0.5 per axis, +-30 deg rotation for
+# pancreas / colon), plus intensity changes that a second scanner or generator brings.
+AUGMENTATION: dict[str, Any] = {
+    "zoom_prob": 0.8,
+    "zoom_range": (0.85, 1.25),
+    "flip_prob": 0.5,
+    "rot90_prob": 0.2,
+    "rotate_prob": 0.5,
+    "rotate_deg": 30.0,  # in the axial plane (about the S axis)
+    "shift_hu": 20.0,
+    "shift_prob": 0.5,
+    "scale": 0.25,
+    "scale_prob": 0.5,
+    "gamma": (0.7, 1.5),
+    "gamma_prob": 0.3,
+    "noise_std": 0.1,
+    "noise_prob": 0.3,
+    "smooth_sigma": (0.5, 1.0),
+    "smooth_prob": 0.2,
+}
 _REQUIRED = {"window_hu", "mean", "std", "tumour_label", "nsd_tolerance_mm", "spacing_mm"}
 # Below this HU a voxel is air outside the body (the foreground crop's threshold).
 BODY_HU = -500.0
@@ -156,10 +183,33 @@ def train_transforms(
     n_neg: int = 20,
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
+    click_training: str = "reference",
 ) -> Compose:
-    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
+    """The training chain: cached deterministic part, then random crops/augmentations/clicks.
+
+    ``click_training="reference"``: 3DSAM-adapter's random clicks (``n_pos`` tumour and
+    ``n_neg`` other points, counts varied with ``vary_clicks``), crops centred on tumour 2 in
+    3 times. ``"interactive"``: one positive click on a tumour voxel and the label kept to
+    the clicked lesion (the target is the object under the click), crops always centred on
+    tumour; :class:`~sam3d.engine.interactive.InteractiveClickInferer` adds the correction
+    clicks. Augmentation (:data:`AUGMENTATION`) is the same in both.
+    """
+    from sam3d.engine.interactive import click_training_mode
+
+    interactive = click_training_mode(click_training) == "interactive"
     pre = pre_crop_size(crop_size)
     air = air_value(preset)
+    aug = AUGMENTATION
+    if interactive:
+        clicks: list = [
+            RandSimulateClicksd(keys="label", n_pos=1, n_neg=0),
+            ClickedLesiond(keys="label"),
+        ]
+    else:
+        clicks = [
+            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks)
+        ]
+    std = float(preset["std"])
     return Compose(
         [
             *load_transforms(preset),
@@ -171,27 +221,48 @@ def train_transforms(
                 keys=["image", "label"],
                 label_key="label",
                 spatial_size=[pre] * 3,
-                pos=2,
-                neg=1,
+                pos=1 if interactive else 2,
+                neg=0 if interactive else 1,
                 num_samples=samples_per_volume,
                 image_key="image",
                 image_threshold=air,
             ),  # fmt: skip
             RandZoomd(
                 keys=["image", "label"],
-                prob=0.3,
-                min_zoom=0.9,
-                max_zoom=1.1,
+                prob=aug["zoom_prob"],
+                min_zoom=aug["zoom_range"][0],
+                max_zoom=aug["zoom_range"][1],
                 mode=["trilinear", "nearest"],
                 keep_size=True,
             ),  # fmt: skip
+            RandRotated(
+                keys=["image", "label"],
+                range_x=np.deg2rad(aug["rotate_deg"]),
+                prob=aug["rotate_prob"],
+                mode=["bilinear", "nearest"],
+                padding_mode="border",
+            ),  # fmt: skip
             RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
-            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
-            RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
-            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=1),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=2),
+            RandRotate90d(
+                keys=["image", "label"], prob=aug["rot90_prob"], max_k=3, spatial_axes=(0, 1)
+            ),
+            RandShiftIntensityd(
+                keys="image", offsets=aug["shift_hu"] / std, prob=aug["shift_prob"]
+            ),
+            RandScaleIntensityd(keys="image", factors=aug["scale"], prob=aug["scale_prob"]),
+            RandAdjustContrastd(keys="image", gamma=aug["gamma"], prob=aug["gamma_prob"]),
+            RandGaussianSmoothd(
+                keys="image",
+                sigma_x=aug["smooth_sigma"],
+                sigma_y=aug["smooth_sigma"],
+                sigma_z=aug["smooth_sigma"],
+                prob=aug["smooth_prob"],
+            ),  # fmt: skip
+            RandGaussianNoised(keys="image", std=aug["noise_std"], prob=aug["noise_prob"]),
+            *clicks,
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
         ]
     )
