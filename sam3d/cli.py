@@ -21,18 +21,20 @@ _NUMBER_LIST = re.compile(r"^-\s*[0-9.]")
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> None:
-    from sam3d.data.phantoms import write_phantom_dataset
+    from sam3d.data.phantoms import get_family, write_phantom_dataset
 
+    family = get_family(args.kind)
     kwargs: dict = {}
     if args.shape is not None:
-        want = 3 if args.kind == "ct" else 2
-        if len(args.shape) != want:
-            raise Sam3DError(f"--shape takes {want} numbers for {args.kind} phantoms")
-        kwargs["shape_vox" if args.kind == "ct" else "size"] = tuple(args.shape)
+        if family.shape_option is None:
+            raise Sam3DError(f"--shape does not apply to {args.kind} phantoms")
+        if len(args.shape) != family.dims:
+            raise Sam3DError(f"--shape takes {family.dims} numbers for {args.kind} phantoms")
+        kwargs[family.shape_option] = tuple(args.shape)
     if args.spacing is not None:
-        if args.kind != "ct":
-            raise Sam3DError("--spacing applies to ct phantoms only")
-        kwargs["spacing_mm"] = tuple(args.spacing)
+        if family.spacing_option is None:
+            raise Sam3DError(f"--spacing does not apply to {args.kind} phantoms")
+        kwargs[family.spacing_option] = tuple(args.spacing)
     out = write_phantom_dataset(
         args.kind, args.out, n=args.n, seed=args.seed, progress=True, **kwargs
     )
@@ -267,8 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sam3d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantoms", help="generate a synthetic dataset with an MSD dataset.json")
-    p.add_argument("--kind", choices=["ct", "vessels", "echo"], default="ct")
+    from sam3d.data.phantoms import family_names, get_family
+
+    kinds = "; ".join(
+        f"{n}: {get_family(n).description}{'' if get_family(n).training else ' [held out]'}"
+        for n in family_names()
+    )
+    p = sub.add_parser(
+        "phantoms",
+        help="generate a synthetic dataset with an MSD dataset.json",
+        description=f"Phantom families: {kinds}.",
+    )
+    p.add_argument("--kind", choices=family_names(), default="ct")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--n", type=int, default=8, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
@@ -277,10 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         metavar="N",
-        help="ct: I J K voxels; vessels, echo: H W pixels (default: drawn / 256 256)",
+        help="volumes: I J K voxels; images: H W pixels (default: the family's)",
     )
     p.add_argument(
-        "--spacing", type=float, nargs=3, metavar="MM", help="ct: voxel size (default: drawn)"
+        "--spacing", type=float, nargs=3, metavar="MM", help="volumes: voxel size (default: drawn)"
     )
     p.set_defaults(func=_cmd_phantoms)
 

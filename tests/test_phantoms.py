@@ -253,3 +253,28 @@ def test_write_dataset_refuses_bad_arguments(tmp_path):
         write_phantom_dataset("mri", tmp_path, n=2)
     with pytest.raises(Sam3DError, match="at least 1"):
         write_phantom_dataset("ct", tmp_path, n=0)
+
+
+def test_families_are_a_registry_the_cli_lists(tmp_path, capsys):
+    from sam3d.cli import build_parser, main
+    from sam3d.data.phantoms import family_names, get_family
+
+    assert {"ct", "vessels", "echo", "prostate"} <= set(family_names())
+    kind = next(a for a in build_parser()._subparsers._group_actions[0].choices["phantoms"]
+                ._actions if a.dest == "kind")  # fmt: skip
+    assert list(kind.choices) == family_names()
+    with pytest.raises(Sam3DError, match="use one of " + ", ".join(family_names())):
+        get_family("mri")
+    # prostate through the registry: the same files as its own writer, n cases per site
+    out = tmp_path / "p"
+    assert main(["phantoms", "--kind", "prostate", "--out", str(out), "--n", "1"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert len(meta["training"]) == 6 and meta["phantom"]["kind"] == "prostate"
+    from sam3d.data.phantoms import write_prostate_dataset
+
+    ref = write_prostate_dataset(tmp_path / "ref", 1, sites=("A",), seed=0)
+    a = nib.load(out / meta["training"][0]["label"]).get_fdata()
+    b = nib.load(ref.parent / json.loads(ref.read_text())["training"][0]["label"]).get_fdata()
+    np.testing.assert_array_equal(a, b)
+    assert main(["phantoms", "--kind", "prostate", "--out", str(out), "--shape", "4", "4"]) == 2
+    assert "--shape does not apply to prostate" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The kits bundle's glue: where its datasets come from and how they split.
 
-- :func:`ensure_dataset`: the dataset kind of ``dataset_dir``, CT phantoms generated
-  there when it holds none;
+- :func:`ensure_dataset`: the dataset kind of ``dataset_dir``, phantoms of a training
+  family (CT by default, ``synth``) generated there when it holds none;
 - :func:`load_datalist`: labelled cases of one split of an MSD ``dataset.json`` or of
   KiTS21 case folders (splits by :mod:`sam3d.data.splits`).
 """
@@ -38,19 +38,29 @@ def ensure_dataset(
     n_cases: int = 12,
     seed: int = 0,
     phantom_kwargs: dict[str, Any] | None = None,
-    phantom_kind: str = "ct",
+    family: str | None = None,
 ) -> str:
     """Return the dataset kind of ``dataset_dir``; generate phantoms there if it holds none.
 
-    ``phantom_kind``: the phantom family generated (``sam3d.data.phantoms``; ``ct`` the
-    abdominal CT phantoms, ``synth`` the domain-randomised training family where present).
-
     Generation is deterministic (``seed``) and happens only when the folder is missing or
-    empty; a non-empty folder without a recognisable dataset is an error. ``phantom_kwargs``
-    go to ``make_ct_phantom`` (e.g. ``shape_vox``, ``spacing_mm``, ``n_lesions``). In a
-    distributed run rank 0 generates while the others wait.
+    empty; a non-empty folder without a recognisable dataset is an error. ``family`` (or
+    ``phantom_kwargs["family"]``, so a bundle can set it with its other phantom options)
+    names a training phantom family of :mod:`sam3d.data.phantoms` (``ct`` by default,
+    ``synth`` for domain-randomised volumes); a held-out family is refused. The other
+    ``phantom_kwargs`` go to its generator (e.g. ``shape_vox``, ``spacing_mm``,
+    ``n_lesions``). In a distributed run rank 0 generates while the others wait.
     """
     root = Path(dataset_dir)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (phantom_kwargs or {}).items()}
+    family = str(kwargs.pop("family", None) or family or "ct")
+    from sam3d.data.phantoms import get_family
+
+    entry = get_family(family)
+    if not entry.training or entry.dims != 3:
+        raise Sam3DError(
+            f"phantom family {family!r} is not a volumetric training family "
+            "(held-out families are for evaluation only)"
+        )
     kind = find_dataset(root)
     if kind is not None:
         logger.info(f"dataset: {kind} dataset in {root}")
@@ -63,15 +73,12 @@ def ensure_dataset(
     if is_rank0():
         from sam3d.data.phantoms import write_phantom_dataset
 
-        kwargs = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in (phantom_kwargs or {}).items()
-        }
-        what = "synthetic CT" if phantom_kind == "ct" else f"synthetic {phantom_kind}"
+        what = "CT" if family == "ct" else family
         logger.warning(
-            f"dataset: no dataset in {root}: generating {n_cases} {what} phantoms there "
-            f"(seed {seed}, {kwargs or 'default size'}); pass --dataset_dir for real data."
+            f"dataset: no dataset in {root}: generating {n_cases} synthetic {what} phantoms "
+            f"there (seed {seed}, {kwargs or 'default size'}); pass --dataset_dir for real data."
         )
-        write_phantom_dataset(phantom_kind, root, n=int(n_cases), seed=int(seed), **kwargs)
+        write_phantom_dataset(family, root, n=int(n_cases), seed=int(seed), **kwargs)
     barrier()
     return "msd"
 

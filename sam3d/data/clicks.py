@@ -53,6 +53,7 @@ __all__ = [
     "StructureClicksd",
     "RandStructureClicksd",
     "clicked_lesion",
+    "clicked_instance",
     "ClickedLesiond",
 ]
 
@@ -418,13 +419,31 @@ def clicked_lesion(mask: np.ndarray, points_vox: np.ndarray, labels: np.ndarray)
     return np.isin(components, sorted(ids)) if ids else np.zeros_like(mask)
 
 
+def clicked_instance(
+    instances: np.ndarray, points_vox: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """The objects under the positive clicks, by instance id: bool mask of the voxels of
+    ``instances`` (int ``H x W x D``, 0 none) whose id is under a positive click
+    (``points_vox`` N x 3 rounded half up, ``labels`` N). Unlike :func:`clicked_lesion`,
+    two touching lesions stay two objects."""
+    inst = np.asarray(instances)
+    pts = np.asarray(points_vox, dtype=np.float64).reshape(-1, 3)[np.asarray(labels) == 1]
+    idx = np.floor(pts + 0.5).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.asarray(inst.shape)), axis=1)
+    ids = {int(inst[tuple(i)]) for i in idx[inside]} - {0}
+    return np.isin(inst, sorted(ids)) if ids else np.zeros(inst.shape, dtype=bool)
+
+
 class ClickedLesiond(MapTransform):
     """Keep, in a binary label ``1 x H x W x D``, only the lesion(s) under the positive clicks.
 
     What one click can do is segment the lesion it was put on: validation scores that
     component (:func:`clicked_lesion`) rather than every lesion of the volume. With
     ``all_key`` the whole label is kept there too (e.g. ``"label_all"``). Place it after
-    the clicks are drawn (``SimulateClicksd``).
+    the clicks are drawn (``SimulateClicksd``). With ``instance_key`` (an instance map
+    ``1 x H x W x D`` on the same grid, e.g. the ``synth`` phantoms' ``instance``) the
+    clicked object is its instance (:func:`clicked_instance`), so a lesion touching
+    another is scored alone.
     """
 
     def __init__(
@@ -434,9 +453,11 @@ class ClickedLesiond(MapTransform):
         labels_key: str = "point_labels",
         all_key: str | None = None,
         allow_missing_keys: bool = False,
+        instance_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.points_key, self.labels_key, self.all_key = points_key, labels_key, all_key
+        self.instance_key = instance_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -447,7 +468,12 @@ class ClickedLesiond(MapTransform):
             if self.all_key is not None:
                 d[self.all_key] = label.clone() if isinstance(label, torch.Tensor) else label
             arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label
-            keep = clicked_lesion(np.asarray(arr)[0] > 0, pts, labs)[None]
+            if self.instance_key is not None:
+                inst = d[self.instance_key]
+                inst = inst.detach().cpu().numpy() if isinstance(inst, torch.Tensor) else inst
+                keep = (clicked_instance(np.asarray(inst)[0], pts, labs) & (arr[0] > 0))[None]
+            else:
+                keep = clicked_lesion(np.asarray(arr)[0] > 0, pts, labs)[None]
             if isinstance(label, torch.Tensor):
                 d[key] = label * torch.as_tensor(keep, device=label.device).to(label.dtype)
             else:

@@ -33,6 +33,7 @@ from monai.transforms import (
     CastToTyped,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LabelToMaskd,
@@ -274,23 +275,30 @@ def val_transforms(
     n_pos: int = 1,
     n_neg: int = 0,
     clicked_lesion: bool = True,
+    instance_key: str | None = None,
 ) -> Compose:
     """The evaluation chain: whole body-cropped volume on the grid, seeded clicks per case.
 
     With ``clicked_lesion`` the label keeps only the lesion under the positive click(s)
     (:class:`~sam3d.data.clicks.ClickedLesiond`), the whole tumour label going to
-    ``label_all``: one click is scored on the lesion it was put on.
+    ``label_all``: one click is scored on the lesion it was put on. With ``instance_key``
+    (a dataset with instance maps, e.g. ``"instance"`` of the ``synth`` phantoms) the
+    clicked lesion is its instance, so touching lesions are scored apart; the instance
+    map is resampled with the label and dropped after use.
     """
+    load_keys = ["image", "label"] + ([instance_key] if instance_key else [])
     chain: list = [
-        *load_transforms(preset),
+        *load_transforms(preset, keys=load_keys),
         *intensity_transforms(preset),
         *_tumour_label(preset),
         SimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, seed=seed),
     ]
     keys = ["image", "label"]
     if clicked_lesion:
-        chain.append(ClickedLesiond(keys="label", all_key="label_all"))
+        chain.append(ClickedLesiond(keys="label", all_key="label_all", instance_key=instance_key))
         keys.append("label_all")
+    if instance_key:
+        chain.append(DeleteItemsd(keys=instance_key))
     chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
     return Compose(chain)
 
