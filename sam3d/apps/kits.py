@@ -87,13 +87,17 @@ def _labelled(entries: Any, root: Path) -> list[dict[str, str]]:
     out = []
     for e in entries or []:
         if isinstance(e, dict) and "image" in e and "label" in e:
-            out.append(
-                {
-                    "image": os.path.normpath(str(root / e["image"])),
-                    "label": os.path.normpath(str(root / e["label"])),
-                }
-            )
+            # an instance map (the synth phantoms': one id per lesion) comes along
+            keys = ("image", "label", "instance") if "instance" in e else ("image", "label")
+            out.append({k: os.path.normpath(str(root / e[k])) for k in keys})
     return out
+
+
+def instance_key(datalist: list[dict[str, str]]) -> str | None:
+    """``"instance"`` when every case of ``datalist`` has an instance map, else None: the
+    target is then the clicked instance (touching lesions apart), else the clicked
+    connected component."""
+    return "instance" if datalist and all("instance" in e for e in datalist) else None
 
 
 def load_datalist(

@@ -185,6 +185,7 @@ def train_transforms(
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
     click_training: str = "reference",
+    instance_key: str | None = None,
 ) -> Compose:
     """The training chain: cached deterministic part, then random crops/augmentations/clicks.
 
@@ -193,7 +194,9 @@ def train_transforms(
     3 times. ``"interactive"``: one positive click on a tumour voxel and the label kept to
     the clicked lesion (the target is the object under the click), crops always centred on
     tumour; :class:`~sam3d.engine.interactive.InteractiveClickInferer` adds the correction
-    clicks. Augmentation (:data:`AUGMENTATION`) is the same in both.
+    clicks. Augmentation (:data:`AUGMENTATION`) is the same in both. With ``instance_key``
+    (an instance map, e.g. the ``synth`` phantoms' ``instance``) the interactive target is
+    the clicked instance, so a lesion touching another is a target alone.
     """
     from sam3d.engine.interactive import click_training_mode
 
@@ -201,10 +204,12 @@ def train_transforms(
     pre = pre_crop_size(crop_size)
     air = air_value(preset)
     aug = AUGMENTATION
+    inst = [instance_key] if instance_key else []
+    spatial = ["image", "label", *inst]
     if interactive:
         clicks: list = [
             RandSimulateClicksd(keys="label", n_pos=1, n_neg=0),
-            ClickedLesiond(keys="label"),
+            ClickedLesiond(keys="label", instance_key=instance_key),
         ]
     else:
         clicks = [
@@ -213,13 +218,13 @@ def train_transforms(
     std = float(preset["std"])
     return Compose(
         [
-            *load_transforms(preset),
+            *load_transforms(preset, keys=spatial),
             *intensity_transforms(preset),
             *_tumour_label(preset),
             SpatialPadd(keys="image", spatial_size=[pre] * 3, value=air),
-            SpatialPadd(keys="label", spatial_size=[pre] * 3),
+            SpatialPadd(keys=["label", *inst], spatial_size=[pre] * 3),
             RandCropByPosNegLabeld(
-                keys=["image", "label"],
+                keys=spatial,
                 label_key="label",
                 spatial_size=[pre] * 3,
                 pos=1 if interactive else 2,
@@ -229,26 +234,26 @@ def train_transforms(
                 image_threshold=air,
             ),  # fmt: skip
             RandZoomd(
-                keys=["image", "label"],
+                keys=spatial,
                 prob=aug["zoom_prob"],
                 min_zoom=aug["zoom_range"][0],
                 max_zoom=aug["zoom_range"][1],
-                mode=["trilinear", "nearest"],
+                mode=["trilinear", "nearest", *["nearest"] * len(inst)],
                 keep_size=True,
             ),  # fmt: skip
             RandRotated(
-                keys=["image", "label"],
+                keys=spatial,
                 range_x=np.deg2rad(aug["rotate_deg"]),
                 prob=aug["rotate_prob"],
-                mode=["bilinear", "nearest"],
+                mode=["bilinear", "nearest", *["nearest"] * len(inst)],
                 padding_mode="border",
             ),  # fmt: skip
-            RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=2),
+            RandSpatialCropd(keys=spatial, roi_size=[crop_size] * 3, random_size=False),
+            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=0),
+            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=1),
+            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=2),
             RandRotate90d(
-                keys=["image", "label"], prob=aug["rot90_prob"], max_k=3, spatial_axes=(0, 1)
+                keys=spatial, prob=aug["rot90_prob"], max_k=3, spatial_axes=(0, 1)
             ),
             RandShiftIntensityd(
                 keys="image", offsets=aug["shift_hu"] / std, prob=aug["shift_prob"]
@@ -264,6 +269,7 @@ def train_transforms(
             ),  # fmt: skip
             RandGaussianNoised(keys="image", std=aug["noise_std"], prob=aug["noise_prob"]),
             *clicks,
+            *([DeleteItemsd(keys=inst)] if inst else []),
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
         ]
     )
