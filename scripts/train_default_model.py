@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_interval": args.val_interval,
         "seed": args.seed,
         "phantom_cases": args.cases,
-        "phantom_kind": family,
+        "phantom_kwargs": {"family": family},
     }
     command = "python scripts/train_default_model.py " + shlex.join(argv or sys.argv[1:])
     print(f"[train_default_model] {family} phantoms x {args.cases} in {data_dir}; {settings}")

@@ -127,3 +127,67 @@ def test_new_checkpoints_keep_the_trained_mask_prompt(tmp_path):
         torch.testing.assert_close(
             loaded(x, *_clicks(), mask_prompt=_blob()), model(x, *_clicks(), mask_prompt=_blob())
         )
+
+
+class _MaskEcho(torch.nn.Module):
+    """Stand-in whose decode records the mask prompt it got and predicts a 3-voxel ball at
+    each positive click, united with the previous mask (so the prompt visibly carries)."""
+
+    def __init__(self, crop_size: int = 16) -> None:
+        super().__init__()
+        self.crop_size = crop_size
+        self.prompts: list = []
+
+    def encode(self, images):
+        return images.clone()
+
+    def decode(self, features, points, point_labels, mask_prompt=None):
+        self.prompts.append(None if mask_prompt is None else mask_prompt.clone())
+        side = features.shape[2:]
+        g = torch.stack(torch.meshgrid(*[torch.arange(s) for s in side], indexing="ij")).float()
+        fg = torch.zeros(features.shape[0], 1, *side)
+        for b in range(features.shape[0]):
+            for p, lab in zip(points[b], point_labels[b]):
+                if int(lab) == 1:
+                    ball = ((g - p[:, None, None, None]) ** 2).sum(0) <= 9.0
+                    fg[b, 0] = torch.maximum(fg[b, 0], ball.float())
+        if mask_prompt is not None:
+            fg = torch.maximum(fg, (mask_prompt > 0.5).float())
+        return torch.cat([1 - 2 * fg, 2 * fg - 1], dim=1) * 5.0
+
+
+def test_click_session_feeds_the_previous_mask_back():
+    from monai.data import MetaTensor
+
+    from sam3d.inference import ClickSession, WindowGrowth
+
+    image = MetaTensor(torch.zeros(1, 16, 16, 16), affine=torch.eye(4))
+    model = _MaskEcho(16)
+    session = ClickSession(
+        model, image, "kits", device="cpu", growth=WindowGrowth(enabled=False)
+    )
+    first = session.click((5, 5, 5)).numpy()
+    assert model.prompts == [None]  # a first click has no previous mask
+    second = session.click((11, 11, 11)).numpy()
+    prompt = model.prompts[-1]
+    assert prompt is not None and prompt.shape == (1, 1, 16, 16, 16)
+    # the prompt is the first click's probability on the window
+    assert (prompt[0, 0].numpy() > 0.5).sum() == first.sum() > 0
+    assert second[5, 5, 5] and second[11, 11, 11]
+    # undo goes back to the first mask; a new click then gets the first mask again
+    session.undo()
+    session.click((11, 5, 5))
+    torch.testing.assert_close(model.prompts[-1], prompt)
+
+
+def test_click_session_gives_no_mask_prompt_to_a_reference_sam3d():
+    from monai.data import MetaTensor
+
+    from sam3d.inference import ClickSession, WindowGrowth
+
+    model = build_sam3d("tiny").eval()  # decode refuses a mask prompt: none may come
+    image = MetaTensor(torch.randn(1, 32, 32, 32) * 50, affine=torch.eye(4))
+    session = ClickSession(model, image, "kits", device="cpu", growth=WindowGrowth(enabled=False))
+    session.click((16, 16, 16))
+    session.click((20, 16, 16), positive=False)
+    assert not session.predictor.takes_mask_prompt

@@ -42,20 +42,16 @@ from monai.transforms import (
     Orientationd,
     RandAdjustContrastd,
     RandCropByPosNegLabeld,
-    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
-    RandRotate90d,
-    RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropd,
-    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 
+from sam3d.data.augment import RandCropAffined
 from sam3d.data.clicks import ClickedLesiond, RandSimulateClicksd, SimulateClicksd
 from sam3d.errors import Sam3DError
 from sam3d.presets import CONFIG_DIR, preset_names, read_preset
@@ -233,28 +229,17 @@ def train_transforms(
                 image_key="image",
                 image_threshold=air,
             ),  # fmt: skip
-            RandZoomd(
+            RandCropAffined(
                 keys=spatial,
-                prob=aug["zoom_prob"],
-                min_zoom=aug["zoom_range"][0],
-                max_zoom=aug["zoom_range"][1],
-                mode=["trilinear", "nearest", *["nearest"] * len(inst)],
-                keep_size=True,
+                crop_size=crop_size,
+                zoom_prob=aug["zoom_prob"],
+                zoom_range=aug["zoom_range"],
+                rotate_prob=aug["rotate_prob"],
+                rotate_deg=aug["rotate_deg"],
+                flip_prob=aug["flip_prob"],
+                rot90_prob=aug["rot90_prob"],
+                modes=["bilinear", "nearest", *["nearest"] * len(inst)],
             ),  # fmt: skip
-            RandRotated(
-                keys=spatial,
-                range_x=np.deg2rad(aug["rotate_deg"]),
-                prob=aug["rotate_prob"],
-                mode=["bilinear", "nearest", *["nearest"] * len(inst)],
-                padding_mode="border",
-            ),  # fmt: skip
-            RandSpatialCropd(keys=spatial, roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=0),
-            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=1),
-            RandFlipd(keys=spatial, prob=aug["flip_prob"], spatial_axis=2),
-            RandRotate90d(
-                keys=spatial, prob=aug["rot90_prob"], max_k=3, spatial_axes=(0, 1)
-            ),
             RandShiftIntensityd(
                 keys="image", offsets=aug["shift_hu"] / std, prob=aug["shift_prob"]
             ),
