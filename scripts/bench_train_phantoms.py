@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--n-pos-clicks", type=int, default=None, help="training positives (max)")
+    p.add_argument("--n-neg-clicks", type=int, default=None, help="training negatives (max)")
     return p.parse_args(argv)
 
 
@@ -191,6 +193,10 @@ def train_curve(name: str, net, args, data_dir: Path, test_ds, shared: dict, dev
         ],
         "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
     }
+    if args.n_pos_clicks is not None:
+        overrides["n_pos_clicks"] = args.n_pos_clicks
+    if args.n_neg_clicks is not None:
+        overrides["n_neg_clicks"] = args.n_neg_clicks
     if "train_dataset" in shared:  # cached once, shared by every model
         overrides["train#dataset"] = shared["train_dataset"]
     workflow = ConfigWorkflow(

@@ -89,13 +89,21 @@ def _check_intensity_fields(preset: Mapping[str, Any]) -> None:
 def load_model_for_inference(
     checkpoint: str | os.PathLike, device: str | torch.device | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A trained Sam3D checkpoint -> (model in eval mode on ``device``, meta with ``dataset``)."""
-    from sam3d.models import load_sam3d_checkpoint
+    """A trained click model -> (model in eval mode on ``device``, meta with ``dataset``).
+
+    Any volumetric kind of the registry (Sam3D, the click-channel UNet baseline) is
+    accepted; a planar one is refused in one line.
+    """
+    from sam3d.models.checkpoint import load_trained
+    from sam3d.models.registry import get_kind
 
     device = default_device(device)  # refuse an unavailable device before loading
     if not Path(checkpoint).is_file():
         raise Sam3DError(f"checkpoint not found: {checkpoint}")
-    model, meta = load_sam3d_checkpoint(checkpoint)
+    model, meta = load_trained(checkpoint, what="Sam3D checkpoint")
+    kind = meta.pop("model", None)
+    if get_kind(str(kind)).wing != "volumetric":
+        raise Sam3DError(f"{checkpoint} holds a {kind} model, not a volumetric click model")
     return model.to(device).eval(), dict(meta)
 
 

@@ -55,6 +55,16 @@ register_model(
 )
 register_model(
     ModelKind(
+        "click_unet",
+        "volumetric",
+        "sam3d.models.volumetric.click_unet:build_click_unet",
+        "ClickUNet",
+        presets="click_unet",
+        kwargs=False,
+    )
+)
+register_model(
+    ModelKind(
         "topolora",
         "planar",
         "sam3d.models.planar.topolora:build_topolora_sam",
