@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
     ap.add_argument("--click-training", default=RECIPE["click_training"])
+    ap.add_argument(
+        "--network",
+        default="sam3d",
+        choices=["sam3d", "click_unet"],
+        help="click_unet: the click-channel UNet baseline, same recipe and budget",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     family = args.family or _family_default()
     work = Path(args.work)
     data_dir = work / f"data_{family}_{args.cases}_{args.seed}"
-    run_dir = work / f"run_{family}_{args.click_training}_{args.seed}"
+    run_dir = work / f"run_{args.network}_{family}_{args.click_training}_{args.seed}"
     settings = {
         **RECIPE,
         "learning_rate": args.lr,
@@ -80,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "phantom_cases": args.cases,
         "phantom_kwargs": {"family": family},
     }
+    if args.network == "click_unet":
+        settings["network_def"] = {
+            "_target_": "sam3d.models.volumetric.click_unet.build_click_unet",
+            "preset": "tiny",
+        }
     command = "python scripts/train_default_model.py " + shlex.join(argv or sys.argv[1:])
     print(f"[train_default_model] {family} phantoms x {args.cases} in {data_dir}; {settings}")
     workflow = ConfigWorkflow(

@@ -13,10 +13,13 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.interactive`: :class:`InteractiveClickInferer` (simulated correction rounds with
   the mask prompt), :func:`training_inferer`, :func:`training_prepare_batch`,
   :func:`click_training_mode`;
+- :mod:`.click_validation`: :class:`ClickCurveValidation` (the validation split's click
+  curve, NoC@85 and positive clicks inside, every ``val_interval`` epochs);
 - :mod:`.progress`: :class:`TrainingProgress` (one bar over the run: loss, validation, ETA).
 """
 
 from sam3d.engine.checkpointing import TrainingCheckpoint, atomic_torch_save, read_resume_state
+from sam3d.engine.click_validation import ClickCurveValidation
 from sam3d.engine.clicks import (
     CentreClickNetwork,
     ClickCropInferer,
@@ -38,6 +41,7 @@ from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 __all__ = [
     "CaseMetricsCSV",
     "CentreClickNetwork",
+    "ClickCurveValidation",
     "ClickCropInferer",
     "GradientClipping",
     "InteractiveClickInferer",
