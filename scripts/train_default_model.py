@@ -50,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/sam3d_default_model", help="data and run folder")
     ap.add_argument("--family", default=None, help="phantom family (default: synth, else ct)")
     ap.add_argument("--cases", type=int, default=60, help="phantom volumes (60/20/20 split)")
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--val-interval", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--val-interval", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
     ap.add_argument("--click-training", default=RECIPE["click_training"])
+    ap.add_argument(
+        "--val-clicks", type=int, default=0, help="click-curve validation (0: one click only)"
+    )
     ap.add_argument(
         "--network",
         default="sam3d",
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "click_training": args.click_training,
         "max_epochs": args.epochs,
         "val_interval": args.val_interval,
+        "val_clicks": args.val_clicks,
         "seed": args.seed,
         "phantom_cases": args.cases,
         "phantom_kwargs": {"family": family},

@@ -125,8 +125,16 @@ class InteractiveClickInferer(Inferer):
     ) -> torch.Tensor:
         net = unwrap(network)
         use_mask = self.mask_prompt and getattr(net, "mask_prompt", None) is not None
-        features = net.encode(inputs)  # once per crop; its graph serves the last round
+        # DDP synchronises gradients only through its own forward: there the simulated
+        # rounds encode once without a graph and the last round runs the wrapper (a second
+        # encoder pass); elsewhere the encoder runs once per crop for every round.
+        ddp = isinstance(network, torch.nn.parallel.DistributedDataParallel)
         rounds = int(self.rng.integers(1, self.max_rounds + 1))
+        if ddp:
+            with torch.no_grad():
+                features = net.encode(inputs) if rounds > 1 else None
+        else:
+            features = net.encode(inputs)  # its graph serves the last round
         mask = None
         with torch.no_grad():
             for _ in range(rounds - 1):
@@ -136,4 +144,7 @@ class InteractiveClickInferer(Inferer):
                 points = torch.cat([points, click.to(points.dtype)], dim=1)
                 point_labels = torch.cat([point_labels, label.to(point_labels.dtype)], dim=1)
         self.last_rounds = rounds
+        if ddp:
+            kwargs = {"mask_prompt": mask} if mask is not None else {}
+            return network(inputs, points, point_labels, **kwargs)
         return net.decode(features, points, point_labels, mask_prompt=mask)
