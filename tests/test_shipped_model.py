@@ -44,3 +44,18 @@ def test_shipped_model_scores_on_held_out_volumes(family, tmp_path):
     assert np.isfinite(ev.curve).all()
     assert ev.curve[0] >= one, ev.summary()
     assert ev.curve[2] >= three, ev.summary()
+
+
+def test_segment_without_checkpoint_uses_and_names_the_shipped_model(tmp_path, capsys):
+    from sam3d.cli import main
+    from sam3d.data.phantoms import write_phantom_dataset
+    from sam3d.inference.interactive import lesion_cases
+
+    listing = write_phantom_dataset("synth", tmp_path / "s", 1, seed=777)
+    case = lesion_cases(listing, ("training", "validation", "test"), limit=1)[0]
+    i, j, k = (int(v) for v in np.argwhere(case.target).mean(0).round())
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", case.image, "--click", f"{i},{j},{k}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no --checkpoint: using the shipped model tiny_synth.pt" in printed
+    assert "synthetic volumes only" in printed and out.is_file()
