@@ -111,12 +111,24 @@ def _growth(args: argparse.Namespace):
     return WindowGrowth(enabled=not args.no_grow, max_extent_mm=args.max_extent_mm)
 
 
+def _checkpoint_or_shipped(checkpoint: Path | None) -> Path:
+    """``--checkpoint``, or the shipped model (said on one line, with what it was trained on)."""
+    if checkpoint is not None:
+        return checkpoint
+    from sam3d.models.checkpoint import read_trained
+    from sam3d.weights import shipped_checkpoint, shipped_model_note
+
+    path = shipped_checkpoint()
+    print(shipped_model_note(read_trained(path).get("meta")), flush=True)
+    return path
+
+
 def _cmd_segment(args: argparse.Namespace) -> None:
     from sam3d.inference.segment import intensity_note, segment_file
 
     session = segment_file(
         args.image,
-        args.checkpoint,
+        _checkpoint_or_shipped(args.checkpoint),
         args.out,
         clicks=args.click,
         negatives=args.negative,
@@ -316,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="negative click (not tumour); repeatable",
     )
     p.add_argument("--world", action="store_true", help="clicks are world millimetres (RAS)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained sam3d model.pt (default: the shipped tiny model, trained on synthetic "
+        "volumes only)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output mask .nii.gz")
     p.add_argument("--preview", type=Path, help="also write a PNG preview (three slices)")
     p.add_argument(
@@ -342,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a local web viewer: click on the tumour, see the 3D mask")
     p.add_argument("image", type=Path, nargs="*", help="NIfTI volumes the page may open")
-    p.add_argument("--checkpoint", type=Path, help="trained sam3d model.pt (default: the demo's)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained sam3d model.pt (default: the demo's model with its phantoms when "
+        "demo_out/ has them, else the shipped tiny model, trained on synthetic volumes only)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")

@@ -105,15 +105,16 @@ DEMO_TRAIN = {
     "samples_per_volume": 2,
     "learning_rate": 4e-4,
     "val_interval": 2,
+    "spacing_mm": 1.0,  # the demo's recipe: its phantoms on the kits 1 mm grid
+    "val_clicks": 0,  # one click per validation case (the click curve is for longer runs)
 }
 
 
 def _progress_handlers(state: DemoState, max_epochs: int, n_iters: int) -> tuple[Any, list]:
-    """A tqdm bar over the training (running loss, last validation Dice) and the curve."""
+    """The learning curve (running loss, validation Dice); the bundle's own
+    ``TrainingProgress`` draws the bar."""
     from ignite.engine import Events
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=max_epochs * n_iters, desc="training", unit="step", dynamic_ncols=True)
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     running: dict[str, float] = {}
@@ -125,8 +126,6 @@ def _progress_handlers(state: DemoState, max_epochs: int, n_iters: int) -> tuple
             else float(engine.state.output["loss"])
         )
         running["loss"] = loss if "loss" not in running else 0.9 * running["loss"] + 0.1 * loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{running['loss']:.3f}", val_dice=running.get("dice", "-"))
 
     def on_epoch(engine: Any) -> None:
         metrics = engine.state.metrics
@@ -149,7 +148,6 @@ def _progress_handlers(state: DemoState, max_epochs: int, n_iters: int) -> tuple
         # after the ValidationHandler (attached first) has run the evaluator
         trainer.add_event_handler(Events.EPOCH_COMPLETED, on_epoch)
         evaluator.add_event_handler(Events.COMPLETED, lambda e: on_validation(e, trainer))
-        trainer.add_event_handler(Events.COMPLETED, lambda e: bar.close())
 
     return attach, curve
 

@@ -129,14 +129,17 @@ def test_bundle_config_chains_equal_the_python_builders(case):
     assert np.allclose(np.linalg.norm(ours["image"].affine.numpy()[:3, :3], axis=0), 2.0)
     for key in ("image", "label", "label_all", "points", "point_labels"):
         assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
-    py_chain = pipelines.train_transforms(p, crop_size=32, n_pos=5, n_neg=7)
-    cfg_chain = _config_chain("train#preprocessing", spacing_mm=2.0)
-    py_chain.set_random_state(seed=11)
-    cfg_chain.set_random_state(seed=11)
-    for _ in range(2):
-        (a,), (b,) = py_chain(case), cfg_chain(case)
-        for key in ("image", "label", "points", "point_labels"):
-            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    for mode in ("interactive", "reference"):  # the bundle's click_training option
+        py_chain = pipelines.train_transforms(
+            p, crop_size=32, n_pos=5, n_neg=7, click_training=mode
+        )
+        cfg_chain = _config_chain("train#preprocessing", spacing_mm=2.0, click_training=mode)
+        py_chain.set_random_state(seed=11)
+        cfg_chain.set_random_state(seed=11)
+        for _ in range(2):
+            (a,), (b,) = py_chain(case), cfg_chain(case)
+            for key in ("image", "label", "points", "point_labels"):
+                assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
     # by default the dataset preset's 1 mm grid
     assert _config_chain("dataset_info") == pipelines.load_dataset_preset("kits")
     one_mm = _config_chain("validate#preprocessing")(case)
@@ -154,7 +157,8 @@ def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
     assert parser.get("train#dataset#_target_") == "CacheDataset"
     assert parser.get("validate#dataset#_target_") == "CacheDataset"
     copy = {k: str(shutil.copy(v, tmp_path / f"{k}.nii.gz")) for k, v in case.items()}
-    ds = CacheDataset([copy], transform=_config_chain("train#preprocessing"), progress=False)
+    chain = _config_chain("train#preprocessing", click_training="reference")
+    ds = CacheDataset([copy], transform=chain, progress=False)
     for path in copy.values():
         Path(path).unlink()  # a later epoch must not need the files
     (a,), (b,) = ds[0], ds[0]

@@ -292,15 +292,28 @@ def test_create_app_refuses_missing_and_non_nifti_files(phantom_file, tmp_path):
         create_app(BoxModel(), {"dataset": "kits"}, [png])
 
 
-def test_cli_serve_without_demo_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+def test_cli_serve_without_checkpoint_uses_the_shipped_model(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    import sam3d.weights
     from sam3d.cli import main
 
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no demo_out/ here
+    # an install without the shipped model: one line that says what to pass
+    monkeypatch.setattr(sam3d.weights, "SHIPPED_MODEL", tmp_path / "absent.pt")
     assert main(["serve"]) == 2
-    err = capsys.readouterr().err
-    assert "sam3d demo" in err and "--checkpoint" in err
+    assert "--checkpoint" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(["serve"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_synth.pt" in out and "synthetic volumes only" in out and "0 image(s)" in out
+    assert served["host"] == "127.0.0.1"
+    # images given and no checkpoint: the shipped model too (a missing image is refused)
     assert main(["serve", str(tmp_path / "a.nii.gz")]) == 2
-    assert "--checkpoint is required" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_demo_inputs_finds_the_demos_model_and_held_out_phantoms(tmp_path):

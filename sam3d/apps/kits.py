@@ -87,13 +87,17 @@ def _labelled(entries: Any, root: Path) -> list[dict[str, str]]:
     out = []
     for e in entries or []:
         if isinstance(e, dict) and "image" in e and "label" in e:
-            out.append(
-                {
-                    "image": os.path.normpath(str(root / e["image"])),
-                    "label": os.path.normpath(str(root / e["label"])),
-                }
-            )
+            # an instance map (the synth phantoms': one id per lesion) comes along
+            keys = ("image", "label", "instance") if "instance" in e else ("image", "label")
+            out.append({k: os.path.normpath(str(root / e[k])) for k in keys})
     return out
+
+
+def instance_key(datalist: list[dict[str, str]]) -> str | None:
+    """``"instance"`` when every case of ``datalist`` has an instance map, else None: the
+    target is then the clicked instance (touching lesions apart), else the clicked
+    connected component."""
+    return "instance" if datalist and all("instance" in e for e in datalist) else None
 
 
 def load_datalist(
@@ -136,3 +140,31 @@ def load_datalist(
             f"{len(missing)} file(s) of the {split} split are missing, e.g. {missing[0]}."
         )
     return data
+
+
+def default_preset(cuda: bool | None = None) -> str:
+    """The bundle's model preset when none is given, said once on the console.
+
+    On CUDA ``vit_b`` (the reference; pass ``--sam_checkpoint sam_vit_b_01ec64.pth`` for
+    SAM's weights); without CUDA ``tiny``, which trains in minutes on a CPU.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
+    if cuda:
+        message = (
+            "preset vit_b (CUDA found; the reference model: pass --sam_checkpoint "
+            "sam_vit_b_01ec64.pth to start from SAM's weights)"
+        )
+        name = "vit_b"
+    else:
+        message = (
+            "no CUDA: preset tiny (a small random-initialised Sam3D that trains in minutes "
+            "on a CPU); for vit_b from SAM weights on a GPU: --preset vit_b "
+            "--sam_checkpoint sam_vit_b_01ec64.pth"
+        )
+        name = "tiny"
+    if is_rank0():
+        print(f"[kits] {message}", flush=True)
+        logger.info(message)
+    return name

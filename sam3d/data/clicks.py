@@ -289,6 +289,31 @@ def error_region_click(
     return point, int(g[tuple(point)])
 
 
+def deepest_error_click(
+    gt: np.ndarray, pred: np.ndarray, spacing: Any = None
+) -> tuple[np.ndarray, int] | None:
+    """The simulated user's next click: the deepest voxel of the largest error region.
+
+    The error is ``gt xor pred``; its largest 26-connected component (by voxels) is the
+    region a user would correct, and the click goes to its point farthest from the
+    component's boundary (:func:`interior_point`: the image border counts as boundary,
+    ``spacing`` per axis when given, ties to the first point in C order). Positive (1) in a
+    miss (inside ``gt``), negative (0) in a leak. None when the prediction is exact.
+    ``gt``, ``pred``: bool ``spatial`` of the same shape; returns (int64 ``d``, label).
+    """
+    g, p = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+    if g.shape != p.shape:
+        raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
+    error = g ^ p
+    if not error.any():
+        return None
+    components, n = ndimage.label(error, structure=np.ones((3,) * error.ndim, dtype=bool))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    largest = components == 1 + int(np.argmax(sizes))  # ties: the first component
+    point = interior_point(largest, spacing)
+    return point, int(g[tuple(point)])
+
+
 def _structure_channels(label: Any) -> np.ndarray:
     arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
     if arr.ndim < 3:

@@ -40,17 +40,18 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropd,
-    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 
+from sam3d.data.augment import RandCropAffined
 from sam3d.data.clicks import ClickedLesiond, RandSimulateClicksd, SimulateClicksd
 from sam3d.errors import Sam3DError
 from sam3d.presets import CONFIG_DIR, preset_names, read_preset
@@ -70,6 +71,28 @@ __all__ = [
 ]
 
 DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
+
+# Training augmentation (kits bundle README, "Augmentation"): at least the reference's
+# (3DSAM-adapter: zoom p 0.8 in 0.85-1.25, flips p 0.5 per axis, +-30 deg rotation for
+# pancreas / colon), plus intensity changes that a second scanner or generator brings.
+AUGMENTATION: dict[str, Any] = {
+    "zoom_prob": 0.8,
+    "zoom_range": (0.85, 1.25),
+    "flip_prob": 0.5,
+    "rot90_prob": 0.2,
+    "rotate_prob": 0.5,
+    "rotate_deg": 30.0,  # in the axial plane (about the S axis)
+    "shift_hu": 20.0,
+    "shift_prob": 0.5,
+    "scale": 0.25,
+    "scale_prob": 0.5,
+    "gamma": (0.7, 1.5),
+    "gamma_prob": 0.3,
+    "noise_std": 0.1,
+    "noise_prob": 0.3,
+    "smooth_sigma": (0.5, 1.0),
+    "smooth_prob": 0.2,
+}
 _REQUIRED = {"window_hu", "mean", "std", "tumour_label", "nsd_tolerance_mm", "spacing_mm"}
 # Below this HU a voxel is air outside the body (the foreground crop's threshold).
 BODY_HU = -500.0
@@ -157,42 +180,81 @@ def train_transforms(
     n_neg: int = 20,
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
+    click_training: str = "reference",
+    instance_key: str | None = None,
 ) -> Compose:
-    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
+    """The training chain: cached deterministic part, then random crops/augmentations/clicks.
+
+    ``click_training="reference"``: 3DSAM-adapter's random clicks (``n_pos`` tumour and
+    ``n_neg`` other points, counts varied with ``vary_clicks``), crops centred on tumour 2 in
+    3 times. ``"interactive"``: one positive click on a tumour voxel and the label kept to
+    the clicked lesion (the target is the object under the click), crops always centred on
+    tumour; :class:`~sam3d.engine.interactive.InteractiveClickInferer` adds the correction
+    clicks. Augmentation (:data:`AUGMENTATION`) is the same in both. With ``instance_key``
+    (an instance map, e.g. the ``synth`` phantoms' ``instance``) the interactive target is
+    the clicked instance, so a lesion touching another is a target alone.
+    """
+    from sam3d.engine.interactive import click_training_mode
+
+    interactive = click_training_mode(click_training) == "interactive"
     pre = pre_crop_size(crop_size)
     air = air_value(preset)
+    aug = AUGMENTATION
+    inst = [instance_key] if instance_key else []
+    spatial = ["image", "label", *inst]
+    if interactive:
+        clicks: list = [
+            RandSimulateClicksd(keys="label", n_pos=1, n_neg=0),
+            ClickedLesiond(keys="label", instance_key=instance_key),
+        ]
+    else:
+        clicks = [
+            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks)
+        ]
+    std = float(preset["std"])
     return Compose(
         [
-            *load_transforms(preset),
+            *load_transforms(preset, keys=spatial),
             *intensity_transforms(preset),
             *_tumour_label(preset),
             SpatialPadd(keys="image", spatial_size=[pre] * 3, value=air),
-            SpatialPadd(keys="label", spatial_size=[pre] * 3),
+            SpatialPadd(keys=["label", *inst], spatial_size=[pre] * 3),
             RandCropByPosNegLabeld(
-                keys=["image", "label"],
+                keys=spatial,
                 label_key="label",
                 spatial_size=[pre] * 3,
-                pos=2,
-                neg=1,
+                pos=1 if interactive else 2,
+                neg=0 if interactive else 1,
                 num_samples=samples_per_volume,
                 image_key="image",
                 image_threshold=air,
             ),  # fmt: skip
-            RandZoomd(
-                keys=["image", "label"],
-                prob=0.3,
-                min_zoom=0.9,
-                max_zoom=1.1,
-                mode=["trilinear", "nearest"],
-                keep_size=True,
+            RandCropAffined(
+                keys=spatial,
+                crop_size=crop_size,
+                zoom_prob=aug["zoom_prob"],
+                zoom_range=aug["zoom_range"],
+                rotate_prob=aug["rotate_prob"],
+                rotate_deg=aug["rotate_deg"],
+                flip_prob=aug["flip_prob"],
+                rot90_prob=aug["rot90_prob"],
+                modes=["bilinear", "nearest", *["nearest"] * len(inst)],
             ),  # fmt: skip
-            RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
-            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
-            RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
-            RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
+            RandShiftIntensityd(
+                keys="image", offsets=aug["shift_hu"] / std, prob=aug["shift_prob"]
+            ),
+            RandScaleIntensityd(keys="image", factors=aug["scale"], prob=aug["scale_prob"]),
+            RandAdjustContrastd(keys="image", gamma=aug["gamma"], prob=aug["gamma_prob"]),
+            RandGaussianSmoothd(
+                keys="image",
+                sigma_x=aug["smooth_sigma"],
+                sigma_y=aug["smooth_sigma"],
+                sigma_z=aug["smooth_sigma"],
+                prob=aug["smooth_prob"],
+            ),  # fmt: skip
+            RandGaussianNoised(keys="image", std=aug["noise_std"], prob=aug["noise_prob"]),
+            *clicks,
+            *([DeleteItemsd(keys=inst)] if inst else []),
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
         ]
     )

@@ -9,10 +9,17 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
-  :class:`CentreClickNetwork`.
+  :class:`CentreClickNetwork`;
+- :mod:`.interactive`: :class:`InteractiveClickInferer` (simulated correction rounds with
+  the mask prompt), :func:`training_inferer`, :func:`training_prepare_batch`,
+  :func:`click_training_mode`;
+- :mod:`.click_validation`: :class:`ClickCurveValidation` (the validation split's click
+  curve, NoC@85 and positive clicks inside, every ``val_interval`` epochs);
+- :mod:`.progress`: :class:`TrainingProgress` (one bar over the run: loss, validation, ETA).
 """
 
 from sam3d.engine.checkpointing import TrainingCheckpoint, atomic_torch_save, read_resume_state
+from sam3d.engine.click_validation import ClickCurveValidation
 from sam3d.engine.clicks import (
     CentreClickNetwork,
     ClickCropInferer,
@@ -20,26 +27,39 @@ from sam3d.engine.clicks import (
 )
 from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
+from sam3d.engine.interactive import (
+    InteractiveClickInferer,
+    click_training_mode,
+    training_inferer,
+    training_prepare_batch,
+)
 from sam3d.engine.options import as_bool
+from sam3d.engine.progress import TrainingProgress
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
 __all__ = [
     "CaseMetricsCSV",
     "CentreClickNetwork",
+    "ClickCurveValidation",
     "ClickCropInferer",
     "GradientClipping",
+    "InteractiveClickInferer",
     "MLflowRun",
     "MLflowRunHandler",
     "TrainingCheckpoint",
+    "TrainingProgress",
     "as_bool",
     "atomic_torch_save",
     "barrier",
     "checked",
     "click_prepare_batch",
+    "click_training_mode",
     "is_rank0",
     "read_resume_state",
     "save_executed_config",
+    "training_inferer",
+    "training_prepare_batch",
     "unwrap",
     "write_csv",
 ]

@@ -140,6 +140,7 @@ class _State:
     points_vox: list[tuple[float, float, float]]
     labels: list[int]
     seeds: list[Origin]
+    prob: torch.Tensor | None = None  # the stitched grid probability these clicks gave
 
 
 class ClickSession:
@@ -286,12 +287,16 @@ class ClickSession:
     def _update(self) -> torch.Tensor:
         grid = torch.as_tensor(self._grid_points(self._state.points_vox), dtype=torch.float32)
         labels = torch.as_tensor(self._state.labels, dtype=torch.long)
-        probs = self.predictor.predict_windows(grid, labels, self._state.seeds)
+        # the mask before this click comes back as the model's mask prompt (if it takes one)
+        previous = self._history[-1].prob if self._history else None
+        probs = self.predictor.predict_windows(grid, labels, self._state.seeds, previous)
         self._windows = list(probs)
         roi, shape = self.predictor.roi, self.predictor.shape
         lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]
         hi = [min(shape[a], max((o[a] + roi[a] for o in probs), default=0)) for a in range(3)]
-        return self._finish(self.predictor.stitch(probs), region=(lo, hi))
+        prob = self.predictor.stitch(probs)
+        self._state.prob = prob if self.predictor.takes_mask_prompt else None
+        return self._finish(prob, region=(lo, hi))
 
     def _finish(
         self, prob_grid: torch.Tensor, region: tuple[list[int], list[int]] | None = None

@@ -16,6 +16,7 @@ weights (:func:`monai.data.utils.compute_importance_map`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -225,10 +226,29 @@ class WindowPredictor:
             self.encode_calls += 1
         return self.cache[origin]
 
+    @property
+    def takes_mask_prompt(self) -> bool:
+        """Whether the model takes the previous prediction (``decode(..., mask_prompt=)``):
+        a Sam3D built with its mask prompt, or a model whose ``decode`` names one."""
+        if hasattr(self.model, "mask_prompt"):
+            return self.model.mask_prompt is not None and self.model.mask_prompt is not False
+        try:
+            return "mask_prompt" in inspect.signature(self.model.decode).parameters
+        except (TypeError, ValueError, AttributeError):
+            return False
+
     def decode(
-        self, origin: Origin, points_vox: torch.Tensor, labels: torch.Tensor
+        self,
+        origin: Origin,
+        points_vox: torch.Tensor,
+        labels: torch.Tensor,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N)."""
+        """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N).
+
+        ``previous``: the last prediction, a probability ``H x W x D`` on the whole grid;
+        its window goes to the model as the mask prompt when it takes one.
+        """
         feats = self.features(origin)
         o = torch.as_tensor(origin, dtype=torch.float32, device=self.device)
         local = (points_vox.to(self.device, torch.float32) - o)[None]
@@ -236,12 +256,20 @@ class WindowPredictor:
         if local.shape[1] == 0:  # the model needs at least one (padding) prompt
             local = torch.zeros(1, 1, 3, device=self.device)
             lab = torch.full((1, 1), -1, dtype=torch.long, device=self.device)
+        kwargs = {}
+        if previous is not None and self.takes_mask_prompt:
+            window = extract_window(previous[None].to(self.device, torch.float32), origin, self.roi)
+            kwargs["mask_prompt"] = window[None]
         with torch.inference_mode(), self._autocast():
-            logits = self.model.decode(feats, local, lab)
+            logits = self.model.decode(feats, local, lab, **kwargs)
         return torch.softmax(logits.float(), dim=1)[0, 1]
 
     def predict_windows(
-        self, points_vox: torch.Tensor, labels: torch.Tensor, seeds: Sequence[Origin]
+        self,
+        points_vox: torch.Tensor,
+        labels: torch.Tensor,
+        seeds: Sequence[Origin],
+        previous: torch.Tensor | None = None,
     ) -> dict[Origin, torch.Tensor]:
         """Decode the seed windows, then grow while the lesion touches a window border.
 
@@ -249,6 +277,8 @@ class WindowPredictor:
             points_vox: clicks ``N x 3`` in grid voxels.
             labels: ``N`` (1 positive, 0 negative, -1 ignored).
             seeds: origins of the first windows (see :func:`select_seed_windows`).
+            previous: the previous stitched probability ``H x W x D`` (the mask prompt of
+                models that take one; None for a first click).
 
         Returns:
             window origin -> tumour probability ``r0 x r1 x r2``, in decoding order.
@@ -269,7 +299,7 @@ class WindowPredictor:
             if extra:
                 pts = torch.cat([pts, torch.tensor(extra, dtype=torch.float32)])
                 lab = torch.cat([lab, torch.ones(len(extra), dtype=torch.long)])
-            prob = self.decode(origin, pts, lab)
+            prob = self.decode(origin, pts, lab, previous)
             probs[origin] = prob
             if not g.enabled:
                 continue
@@ -327,7 +357,11 @@ class WindowPredictor:
         return out
 
     def predict(
-        self, points_vox: torch.Tensor, labels: torch.Tensor, seeds: Sequence[Origin]
+        self,
+        points_vox: torch.Tensor,
+        labels: torch.Tensor,
+        seeds: Sequence[Origin],
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stitched tumour probability ``H x W x D`` of the whole grid for these clicks."""
-        return self.stitch(self.predict_windows(points_vox, labels, seeds))
+        return self.stitch(self.predict_windows(points_vox, labels, seeds, previous))

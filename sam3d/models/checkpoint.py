@@ -194,7 +194,12 @@ def load_trained_weights(
     """Load a trained checkpoint's weights (a path or its :func:`read_trained` dict) into a
     network a bundle config built itself; returns ``network``."""
     obj = checkpoint if isinstance(checkpoint, dict) else read_trained(checkpoint)
-    misfit = state_dict_misfit(network.state_dict(), obj["state_dict"])
+    expected = network.state_dict()
+    # parts a network may lack in older checkpoints (Sam3D's mask prompt: a no-op then)
+    optional = tuple(getattr(network, "optional_state_prefixes", ()))
+    if optional and not any(k.startswith(optional) for k in obj["state_dict"]):
+        expected = {k: v for k, v in expected.items() if not k.startswith(optional)}
+    misfit = state_dict_misfit(expected, obj["state_dict"])
     if misfit:
         raise Sam3DError(
             f"the checkpoint does not fit this network ({misfit}); "

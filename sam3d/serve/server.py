@@ -30,6 +30,13 @@ def demo_inputs(demo_dir: Path = DEMO_DIR) -> tuple[Path, list[Path]]:
     return checkpoint, [p for p in images if p.is_file()]
 
 
+def has_demo_inputs(demo_dir: Path = DEMO_DIR) -> bool:
+    """Whether ``sam3d demo`` left its model and phantoms in ``demo_dir``."""
+    return (demo_dir / "kits_bundle_run" / "models" / "model.pt").is_file() and (
+        demo_dir / "phantoms_ct" / "dataset.json"
+    ).is_file()
+
+
 def run_server(
     images: Sequence[Path],
     checkpoint: Path | None,
@@ -50,9 +57,14 @@ def run_server(
     from sam3d.serve.sessions import SessionStore
 
     if checkpoint is None:
-        if images:
-            raise Sam3DError("--checkpoint is required when images are given")
-        checkpoint, images = demo_inputs()
+        if not images and has_demo_inputs():
+            checkpoint, images = demo_inputs()
+        else:
+            from sam3d.models.checkpoint import read_trained
+            from sam3d.weights import shipped_checkpoint, shipped_model_note
+
+            checkpoint = shipped_checkpoint()
+            print(f"sam3d serve: {shipped_model_note(read_trained(checkpoint).get('meta'))}")
     model, meta = load_model_for_inference(checkpoint, device)
     store = SessionStore(
         ttl_s=session_ttl_min * 60.0,

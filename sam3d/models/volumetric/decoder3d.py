@@ -69,13 +69,24 @@ class MLADecoder3D(nn.Module):
         return F.conv3d(torch.cat(parts, dim=1), w_ctx, padding=1)
 
     def decode(
-        self, prompted: torch.Tensor, context: torch.Tensor, out_shape: tuple[int, int, int]
+        self,
+        prompted: torch.Tensor,
+        context: torch.Tensor,
+        out_shape: tuple[int, int, int],
+        dense: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompted map ``B x in_dim x h x w x d`` and :meth:`context` -> ``B x K x H x W x D``."""
+        """Prompted map ``B x in_dim x h x w x d`` and :meth:`context` -> ``B x K x H x W x D``.
+
+        ``dense``: an optional ``B x dim x 2h x 2w x 2d`` added to the fused map before its
+        InstanceNorm (the mask prompt's fine part, :class:`~sam3d.models.volumetric.
+        mask_prompt3d.MaskPrompt3D`); None is the reference decoder.
+        """
         level = self._level(len(self.heads) - 1, prompted, tuple(context.shape[2:]))
         n_prev = (len(self.heads) - 1) * self.dim
         w_level = self.cls[0].weight[:, n_prev : n_prev + self.dim]
         x = F.conv3d(level, w_level, padding=1) + context.to(level.dtype)
+        if dense is not None:
+            x = x + dense.to(x.dtype)
         x = self.cls[3](self.cls[2](self.cls[1](x)))  # IN, ReLU, classifier conv
         return F.interpolate(x, size=tuple(out_shape), mode="trilinear", align_corners=True)
 

@@ -22,6 +22,7 @@ from sam3d.models.checkpoint import load_trained, save_trained
 from sam3d.models.sam.build import sam_preset
 from sam3d.models.volumetric.decoder3d import MLADecoder3D
 from sam3d.models.volumetric.encoder3d import ImageEncoder3D
+from sam3d.models.volumetric.mask_prompt3d import MaskPrompt3D
 from sam3d.models.volumetric.prompt3d import PromptEncoder3D
 from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
@@ -54,6 +55,8 @@ PRESET_DEFAULTS: dict[str, Any] = {
     "decoder_dim": 128,
     "num_classes": 2,
     "use_checkpoint": False,
+    # the previous prediction as a dense prompt (MaskPrompt3D); off: the reference model
+    "mask_prompt": False,
     # "auto": freeze SAM's weights only when they were loaded from a SAM checkpoint;
     # True / False force it (random SAM weights frozen would stay random for ever).
     "freeze_sam": "auto",
@@ -103,11 +106,17 @@ class Sam3D(nn.Module):
         decoder: MLADecoder3D,
         crop_size: int,
         preset: dict[str, Any] | None = None,
+        mask_prompt: MaskPrompt3D | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.prompt_encoder = prompt_encoder
         self.decoder = decoder
+        # the previous prediction as a dense prompt (zero-initialised: a no-op until trained)
+        self.mask_prompt = mask_prompt
+        # what load_trained_weights lets an older checkpoint lack
+        self.optional_state_prefixes = ("mask_prompt.",) if mask_prompt is not None else ()
+        self.register_load_state_dict_post_hook(_allow_missing_mask_prompt)
         self.crop_size = int(crop_size)
         self.preset = dict(preset or {})
         self.config = self.preset  # what the registry rebuilds it from
@@ -137,37 +146,67 @@ class Sam3D(nn.Module):
         features: Sam3DFeatures,
         points: torch.Tensor,
         point_labels: torch.Tensor | None = None,
+        mask_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompt kept features with clicks.
+        """Prompt kept features with clicks (and the previous mask).
 
         Args:
             features: from :meth:`encode`.
             points: ``B x N x 3`` float voxel coordinates (i, j, k) in the crop.
             point_labels: ``B x N`` long: 1 positive, 0 negative, -1 padding. None: all 1.
+            mask_prompt: the previous prediction as foreground probabilities in [0, 1],
+                ``B x 1 x H x W x D`` at crop resolution (``mask_prompt_from_logits`` of the
+                last logits); None: the reference model, clicks only.
 
         Returns:
             logits ``B x num_classes x H x W x D``.
         """
         if point_labels is None:
             point_labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
-        prompted = self.prompt_encoder(
-            features.prompt_map, points, point_labels, features.image_shape
-        )
-        return self.decoder.decode(prompted, features.context, features.image_shape)
+        prompt_map, fine = features.prompt_map, None
+        if mask_prompt is not None:
+            if self.mask_prompt is None:
+                raise ValueError(
+                    "this Sam3D has no mask prompt (built with mask_prompt=False, or from a "
+                    "checkpoint made without one): call decode without mask_prompt"
+                )
+            tokens, fine = self.mask_prompt(mask_prompt)
+            prompt_map = prompt_map + tokens.to(prompt_map.dtype)
+        prompted = self.prompt_encoder(prompt_map, points, point_labels, features.image_shape)
+        return self.decoder.decode(prompted, features.context, features.image_shape, fine)
 
     def forward(
         self,
         images: torch.Tensor,
         points: torch.Tensor,
         point_labels: torch.Tensor | None = None,
+        mask_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``decode(encode(images), points, point_labels)``: logits ``B x classes x H x W x D``."""
-        return self.decode(self.encode(images), points, point_labels)
+        """``decode(encode(images), points, point_labels, mask_prompt)``: logits
+        ``B x classes x H x W x D``."""
+        return self.decode(self.encode(images), points, point_labels, mask_prompt)
 
     def set_reference(self, enabled: bool = True) -> Sam3D:
         """Switch to the anchor's slow formulation (512^3 upsample, explicit attention)."""
         self.encoder.set_reference(enabled)
         return self
+
+
+def _allow_missing_mask_prompt(module: Sam3D, incompatible: Any) -> None:
+    """A checkpoint from before the mask prompt loads: its weights stay zero (a no-op)."""
+    if module.mask_prompt is None:
+        return
+    missing = [k for k in incompatible.missing_keys if ".mask_prompt." in "." + k]
+    if missing and len(missing) == len(module.mask_prompt.state_dict()):
+        for key in missing:
+            incompatible.missing_keys.remove(key)
+        for proj in (module.mask_prompt.token_proj, module.mask_prompt.fine_proj):
+            nn.init.zeros_(proj.weight)  # as built: zero output whatever the mask
+            nn.init.zeros_(proj.bias)
+        logger.warning(
+            "weights without the mask prompt's (made before it existed): its output stays "
+            "zero, the previous mask changes nothing until it is trained"
+        )
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -259,7 +298,10 @@ def build_sam3d(
         num_classes=cfg["num_classes"],
         num_levels=len(cfg["neck_blocks"]),
     )
-    model = Sam3D(encoder, prompt_encoder, decoder, cfg["crop_size"], preset=cfg)
+    mask_prompt = None
+    if cfg["mask_prompt"]:
+        mask_prompt = MaskPrompt3D(cfg["neck_dim"], cfg["decoder_dim"], encoder.voxels_per_token)
+    model = Sam3D(encoder, prompt_encoder, decoder, cfg["crop_size"], cfg, mask_prompt)
     if sam_checkpoint is not None:
         from sam3d.models.sam.checkpoint import load_sam_state_dict
         from sam3d.models.volumetric.mapping import map_sam_to_sam3d
