@@ -240,10 +240,11 @@ def inference_transforms(
         spacing_mm: grid spacing; default the preset's.
         device: where the volume is resampled (the GPU makes resampling cheap).
         key: the image key (a NIfTI path or a channel-first MetaTensor ``1 x I x J x K``).
-        clicks: append :class:`~sam3d.inference.grid.ClicksToGridd` (``points`` in
+        clicks: append :class:`~sam3d.data.geometry.ClicksToGridd` (``points`` in
             original voxels, or RAS mm with ``world``, mapped onto the grid).
     """
-    from sam3d.inference.grid import ClicksToGridd, LoadVolumed
+    from sam3d.data.geometry import ClicksToGridd
+    from sam3d.data.volume import LoadVolumed
 
     if spacing_mm is None:
         spacing_mm = preset.get("spacing_mm", 1.0)

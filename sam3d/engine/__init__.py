@@ -12,7 +12,7 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
   :class:`CentreClickNetwork`.
 """
 
-from sam3d.engine.checkpointing import TrainingCheckpoint, atomic_torch_save, read_resume_state
+from sam3d.engine.checkpointing import TrainingCheckpoint
 from sam3d.engine.clicks import (
     CentreClickNetwork,
     ClickCropInferer,
@@ -22,6 +22,7 @@ from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
 from sam3d.engine.options import as_bool
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
+from sam3d.engine.resume import atomic_torch_save, read_resume_state
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
 __all__ = [

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
+from sam3d.files import atomic_write
 
 
 def read_checkpoint(
