@@ -43,8 +43,8 @@ from torch import nn
 
 from sam3d.errors import Sam3DError
 from sam3d.models.planar.amg import remove_small_regions, select_grid_mask  # noqa: F401
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.sam.build import build_sam, sam_preset
-from sam3d.presets import read_preset
 
 # Features of one image batch: three taps (C x g x g each, shallow to deep) + neck (256 x g x g)
 Features = Sequence[torch.Tensor]
@@ -245,6 +245,8 @@ class DeSAM(nn.Module):
         tap_blocks: encoder block indices tapped (default: the first three global
             blocks, ``global_attn_indexes[:-1]``).
         pdmm_width, deep_supervision: see :class:`PDMM`.
+        config: what the registry rebuilds it from (:func:`build_desam` sets it; None for
+            a model around a ``Sam`` passed in), kept as ``self.config``.
 
     Inputs are SAM's: ``B x 3 x S x S`` preprocessed images (:meth:`preprocess`), points
     and boxes in that ``S x S`` pixel frame (x, y). Logits are ``S/4 x S/4``.
@@ -256,8 +258,10 @@ class DeSAM(nn.Module):
         tap_blocks: Sequence[int] | None = None,
         pdmm_width: int = 256,
         deep_supervision: bool = False,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.config = dict(config) if config is not None else None
         if not isinstance(sam, Sam):
             raise Sam3DError(f"DeSAM wraps a segment_anything Sam, got {type(sam).__name__}")
         enc = sam.image_encoder
@@ -281,7 +285,11 @@ class DeSAM(nn.Module):
         self.mask_decoder = DecoupledMaskDecoder(encoder_dim, pdmm_width, deep_supervision)
         prim_state = sam.mask_decoder.state_dict()
         missing, unexpected = self.mask_decoder.load_state_dict(prim_state, strict=False)
-        assert not unexpected and all(k.startswith("pimm.") for k in missing)
+        if unexpected or not all(k.startswith("pimm.") for k in missing):
+            raise ValueError(
+                f"SAM's mask decoder does not fit PRIM: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
         for p in self.image_encoder.parameters():
             p.requires_grad_(False)
         for p in self.prompt_encoder.parameters():
@@ -489,6 +497,10 @@ class DeSAM(nn.Module):
         return logits[:, 0] > 0
 
     # ------------------------------------------------------------------ bookkeeping
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: ``mask_decoder`` (the encoders are frozen)."""
+        return parameter_groups(mask_decoder=self.mask_decoder)
+
     def parameter_counts(self) -> dict[str, int]:
         """``mask_decoder`` (all, as the reference counts), its parts, ``trainable``, encoders."""
 
@@ -511,8 +523,11 @@ class DeSAM(nn.Module):
 def desam_preset(name: str | os.PathLike) -> dict[str, Any]:
     """A DeSAM preset of ``configs/desam/`` as builder kwargs: ``vit_b`` (the reference's),
     ``vit_h`` (the paper's), ``tiny`` (CPU tests: the tiny random SAM has two global
-    blocks, so its taps are blocks 0-2; 256 input, logits 64 x 64)."""
-    return dict(read_preset("desam", name))
+    blocks, so its taps are blocks 0-2; 256 input, logits 64 x 64). Read by
+    :func:`sam3d.models.registry.model_preset`, the one reader."""
+    from sam3d.models.registry import model_preset
+
+    return model_preset("desam", name)
 
 
 def build_desam(
@@ -541,9 +556,7 @@ def build_desam(
         sam = build_sam(sam, sam_checkpoint, image_size)
     elif sam_checkpoint is not None:
         raise Sam3DError("pass either a built Sam or a sam_checkpoint, not both")
-    model = DeSAM(sam, tap_blocks, pdmm_width, deep_supervision)
-    model.config = config
-    return model
+    return DeSAM(sam, tap_blocks, pdmm_width, deep_supervision, config=config)
 
 
 def mask_decoder_parameter_count(encoder_dim: int, pdmm_width: int = 256) -> int:

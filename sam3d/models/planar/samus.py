@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 from torch import nn
 
 from sam3d.errors import Sam3DError
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.sam.build import build_sam, resize_sam_state_dict
 
 SAM_GRID = 64  # SAM's token grid at its 1024 input (the pre-trained position embedding)
@@ -249,12 +251,20 @@ class Samus(nn.Module):
         image_size: SAMUS's square input side ``S`` (256 in the seed).
         adapter_ratio: bottleneck of the feature adapters (``C/4``).
         cnn_width: channels of the CNN branch's first block (64).
+        config: what the registry rebuilds it from (:func:`build_samus` sets it), kept as
+            ``self.config``.
     """
 
     def __init__(
-        self, sam: Sam, image_size: int = 256, adapter_ratio: float = 0.25, cnn_width: int = 64
+        self,
+        sam: Sam,
+        image_size: int = 256,
+        adapter_ratio: float = 0.25,
+        cnn_width: int = 64,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.config = dict(config) if config is not None else None
         if not isinstance(sam, Sam):
             raise Sam3DError(f"Samus wraps a segment_anything Sam, got {type(sam).__name__}")
         state = sam.state_dict()
@@ -389,8 +399,14 @@ class Samus(nn.Module):
         # float32 logits at native size, also under bf16 autocast
         return F.interpolate(low_res.float(), size=hw, mode="bilinear", align_corners=False)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: the adapted ``image_encoder``'s trainable parts (prompt
+        encoder and mask decoder are frozen)."""
+        return parameter_groups(
+            image_encoder=self.sam.image_encoder,
+            prompt_encoder=self.sam.prompt_encoder,
+            mask_decoder=self.sam.mask_decoder,
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         """``total``, ``trainable`` and the SAMUS parts (``cnn_branch``, ``pos_adapter``, ...)."""
@@ -436,17 +452,13 @@ def build_samus(
         "adapter_ratio": float(adapter_ratio),
         "cnn_width": int(cnn_width),
     }
-    model = Samus(
-        build_sam(sam, sam_checkpoint, 1024), int(image_size), float(adapter_ratio), int(cnn_width)
-    )
-    model.config = config
-    return model
+    sam_model = build_sam(sam, sam_checkpoint, 1024)
+    return Samus(sam_model, int(image_size), float(adapter_ratio), int(cnn_width), config=config)
 
 
-def samus_config(preset: str | os.PathLike = "vit_b") -> dict:
-    """The :func:`build_samus` keyword arguments of a ``configs/samus/`` preset (name / path)."""
-    from sam3d.presets import read_preset
+def samus_config(preset: str | os.PathLike = "vit_b") -> dict[str, Any]:
+    """The :func:`build_samus` keyword arguments of a ``configs/samus/`` preset (name / path):
+    :func:`sam3d.models.registry.model_preset`, the one reader."""
+    from sam3d.models.registry import model_preset
 
-    spec = read_preset("samus", preset)
-    keys = ("sam", "image_size", "adapter_ratio", "cnn_width")
-    return {k: spec[k] for k in keys if k in spec}
+    return model_preset("samus", preset)

@@ -19,7 +19,7 @@ cheaper in two places, each with a ``reference`` switch that runs the anchor's f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sam3d.models.sam.checkpoint import LoadReport
+from sam3d.models.volumetric.backbone import VolumeEncoder
 from sam3d.models.volumetric.blocks import (
     Adapter3d,
     LayerNorm3d,
@@ -323,13 +325,15 @@ SAM_FROZEN_SUFFIXES = (
 SAM_FROZEN_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")
 
 
-class ImageEncoder3D(nn.Module):
+class ImageEncoder3D(VolumeEncoder):
     """SAM ViT in 3D: ``B x 1 x H x W x D`` crop -> neck maps ``B x neck_dim x H/4 x W/4 x D/4``.
 
     Args:
-        embed_dim, depth, num_heads, global_attn_indexes, sam_window_size, sam_img_size,
-        patch_size: the SAM encoder the weights come from (global blocks only differ in the
-            size of their relative-position tables; every block here uses 3D windows).
+        embed_dim, depth, num_heads, global_attn_indexes: the SAM ViT's shape (from
+            ``configs/sam``, no default here).
+        sam_window_size, sam_img_size, patch_size: the SAM encoder the weights come from
+            (global blocks only differ in the size of their relative-position tables;
+            every block here uses 3D windows).
         upsample: the anchor's in-plane/depth upsampling factor (a token covers
             ``patch_size / upsample`` voxels per axis).
         crop_size: the crop the depth embedding and pooled position grid are built for.
@@ -345,10 +349,11 @@ class ImageEncoder3D(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        *,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        global_attn_indexes: Sequence[int],
         sam_window_size: int = 14,
         sam_img_size: int = 1024,
         patch_size: int = 16,
@@ -389,9 +394,20 @@ class ImageEncoder3D(nn.Module):
         if any(not 1 <= i <= depth for i in self.neck_blocks):
             raise ValueError(f"neck_blocks {self.neck_blocks} must lie in 1..{depth}")
         self.necks = nn.ModuleList(_neck(embed_dim, neck_dim) for _ in self.neck_blocks)
+        self.out_channels = int(neck_dim)
+        self.num_levels = len(self.neck_blocks)
         self.use_checkpoint = use_checkpoint
         if freeze_sam:
             self.freeze_sam_weights()
+
+    def load_pretrained(self, state: Mapping[str, torch.Tensor]) -> LoadReport:
+        """SAM's image-encoder weights in (:func:`.mapping.map_sam_to_encoder3d`)."""
+        from sam3d.models.volumetric.mapping import map_sam_to_encoder3d
+
+        return map_sam_to_encoder3d(dict(state), self)
+
+    def freeze_pretrained(self) -> None:
+        self.freeze_sam_weights()
 
     def freeze_sam_weights(self) -> None:
         """Freeze SAM's weights; every other parameter trains (the anchor's recipe)."""
