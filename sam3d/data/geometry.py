@@ -2,7 +2,16 @@
 
 Clicks arrive as voxel indices (i, j, k) of the original image or as world millimetres
 (RAS) and are mapped through the affines: ``world = A_orig @ [i, j, k, 1]``,
-``grid = inv(A_grid) @ world``.
+``grid = inv(A_grid) @ world``. Each step is MONAI's ``ApplyTransformToPoints`` (the array
+form of ``ApplyTransformToPointsd``) in float64. The dictionary transform itself is not
+used: it applies one affine, taken from a reference image's metadata, while a click
+needs two (the original image's, then the grid's inverse), checked against the original
+image's bounds with a one-line user error first (:class:`ClicksToGridd`); and a
+``MetaTensor`` it returns carries its own affine into a second call, so the two steps
+pass plain tensors.
+
+Voxel spacing from an affine is MONAI's ``affine_to_spacing`` (:func:`spacing_from_affine`),
+with zero sizes kept as zero (the readers refuse them).
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.data.utils import affine_to_spacing
+from monai.transforms import ApplyTransformToPoints, MapTransform
 
 from sam3d.errors import Sam3DError
 
@@ -24,6 +34,24 @@ def _as_affine(a: Any) -> np.ndarray:
     return np.asarray(torch.as_tensor(a).detach().cpu().double().numpy(), dtype=np.float64)
 
 
+_VOXEL_TO_WORLD = ApplyTransformToPoints(dtype=torch.float64, invert_affine=False)
+_WORLD_TO_VOXEL = ApplyTransformToPoints(dtype=torch.float64, invert_affine=True)
+
+
+def _apply(step: ApplyTransformToPoints, points: np.ndarray, affine: Any) -> np.ndarray:
+    """One affine on ``N x 3`` points (MONAI's ``ApplyTransformToPoints``, float64)."""
+    p = torch.as_tensor(np.asarray(points, dtype=np.float64).reshape(1, -1, 3))
+    out = step(p, affine=torch.as_tensor(_as_affine(affine)))
+    return torch.as_tensor(out).detach().cpu().numpy()[0]  # a plain array, no meta affine
+
+
+def spacing_from_affine(affine: Any) -> tuple[float, ...]:
+    """Voxel size in mm per index axis: the column norms of the affine's linear part
+    (MONAI's ``affine_to_spacing``; a zero size stays zero)."""
+    a = _as_affine(affine)
+    return tuple(float(v) for v in affine_to_spacing(a, r=a.shape[-1] - 1, suppress_zeros=False))
+
+
 def original_to_grid(
     points: np.ndarray | Sequence[Sequence[float]],
     original_affine: Any,
@@ -32,9 +60,8 @@ def original_to_grid(
 ) -> np.ndarray:
     """Map clicks ``N x 3`` (original voxels, or RAS mm with ``world``) to grid voxels ``N x 3``."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    hom = np.concatenate([p, np.ones((len(p), 1))], axis=1)
-    world_mm = hom if world else hom @ _as_affine(original_affine).T
-    return (world_mm @ np.linalg.inv(_as_affine(grid_affine)).T)[:, :3]
+    world_mm = p if world else _apply(_VOXEL_TO_WORLD, p, original_affine)
+    return _apply(_WORLD_TO_VOXEL, world_mm, grid_affine)
 
 
 def grid_spacing_mm(image: Any) -> tuple[float, float, float]:
@@ -43,14 +70,12 @@ def grid_spacing_mm(image: Any) -> tuple[float, float, float]:
         return (DEFAULT_SPACING_MM,) * 3
     a = _as_affine(image.affine)
     a = a[0] if a.ndim == 3 else a  # a batch of one
-    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
+    return spacing_from_affine(a)  # type: ignore[return-value]
 
 
 def world_to_original(points_world: np.ndarray, original_affine: Any) -> np.ndarray:
     """RAS mm ``N x 3`` -> original voxel coordinates ``N x 3``."""
-    p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
-    hom = np.concatenate([p, np.ones((len(p), 1))], axis=1)
-    return (hom @ np.linalg.inv(_as_affine(original_affine)).T)[:, :3]
+    return _apply(_WORLD_TO_VOXEL, points_world, original_affine)
 
 
 def check_points_inside(

@@ -66,10 +66,11 @@ _GZIP_CHUNK = 1 << 22
 
 
 def spacing_from_affine(affine) -> tuple[float, ...]:
-    """Voxel size in mm per index axis: the column norms of the affine's linear part."""
-    a = np.asarray(affine, dtype=float)
-    n = a.shape[0] - 1
-    return tuple(float(v) for v in np.linalg.norm(a[:n, :n], axis=0))
+    """Voxel size in mm per index axis: :func:`sam3d.data.geometry.spacing_from_affine`
+    (imported here late, so that a bad path answers before MONAI is loaded)."""
+    from sam3d.data.geometry import spacing_from_affine as spacing
+
+    return spacing(affine)
 
 
 def orientation_codes(affine) -> str:

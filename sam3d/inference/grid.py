@@ -34,6 +34,7 @@ from sam3d.data.geometry import (  # noqa: F401
     world_to_original,
 )
 from sam3d.data.io import atomic_write
+from sam3d.data.pipelines import inference_transforms
 from sam3d.data.volume import LoadVolumed  # noqa: F401
 from sam3d.errors import Sam3DError
 
@@ -53,8 +54,6 @@ def preprocessing(
         device: where the volume is resampled (the GPU makes resampling cheap).
         key: the image key.
     """
-    from sam3d.data.pipelines import inference_transforms
-
     return inference_transforms(dict(dataset), spacing_mm=spacing_mm, device=device, key=key)
 
 

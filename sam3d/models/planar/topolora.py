@@ -27,6 +27,7 @@ from segment_anything.modeling import (
     Sam,
 )
 from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from sam3d.errors import Sam3DError
@@ -132,8 +133,7 @@ class TopoLoRASam(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise Sam3DError(f"expected images B x 3 x H x W, got {tuple(images.shape)}")
         h, w = images.shape[-2:]
-        scale = self.img_size / max(h, w)
-        size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        size = ResizeLongestSide.get_preprocess_shape(int(h), int(w), self.img_size)
         if size != (h, w):
             images = F.interpolate(
                 images.float(), size, mode="bilinear", align_corners=False, antialias=True
