@@ -90,7 +90,7 @@ def test_logits_come_back_at_the_native_size_one_mask_per_prompt(tiny):
     assert single.shape == (1, 1, 96, 80)
     assert torch.allclose(out[:, 1:], single, atol=1e-5)  # prompts are decoded independently
     assert not torch.allclose(out[:, 0], out[:, 1])
-    with pytest.raises(Sam3DError, match="points must be"):
+    with pytest.raises(ValueError, match="points must be"):
         tiny(x, points[..., :1], labels)
 
 
