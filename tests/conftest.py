@@ -42,6 +42,38 @@ def tiny_sam_checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
+def asymmetric_tiny_sam_state() -> dict[str, torch.Tensor]:
+    """The tiny SAM's state dict with every position table non-zero and non-symmetric.
+
+    A random official SAM starts its absolute position embedding and relative-position
+    tables at zero, so a resize that zeroed them, or swapped h and w, would go unseen.
+    Here ``pos_embed[0, i, j, c]`` is a smooth field that differs along i and j and per
+    channel, and each block's ``rel_pos_h`` / ``rel_pos_w`` are different seeded ramps.
+    """
+    state = build_official_sam(**TINY_SAM).state_dict()
+    pos = state["image_encoder.pos_embed"]  # 1 x 64 x 64 x C
+    g, c = pos.shape[1], pos.shape[3]
+    i = torch.arange(g, dtype=torch.float32)[:, None, None]
+    j = torch.arange(g, dtype=torch.float32)[None, :, None]
+    k = torch.arange(c, dtype=torch.float32)[None, None, :]
+    field = torch.sin(0.11 * i * (1 + k / c)) + 0.5 * torch.cos(0.07 * j * (2 + k / c)) + 0.01 * i
+    state["image_encoder.pos_embed"] = (field + 0.02 * k)[None]
+    gen = torch.Generator().manual_seed(5)
+    for key in [k for k in state if ".rel_pos_" in k]:
+        rows, dim = state[key].shape
+        ramp = torch.linspace(-1, 1, rows)[:, None] * torch.linspace(0.5, 2, dim)[None]
+        state[key] = ramp + 0.3 * torch.randn(rows, dim, generator=gen)
+    return state
+
+
+@pytest.fixture(scope="session")
+def asymmetric_tiny_sam_checkpoint(tmp_path_factory) -> str:
+    """Path of :func:`asymmetric_tiny_sam_state` in the official key format."""
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny_asymmetric.pth"
+    torch.save(asymmetric_tiny_sam_state(), path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def vit_b_sam_checkpoint(tmp_path_factory) -> str:
     """Path of a random official ViT-B SAM checkpoint (375 MB on disk; built once)."""

@@ -77,3 +77,32 @@ def test_metric_per_case_and_pooled():
     iou = OverlapMetric("iou", pooled=True)
     iou(torch.cat([a, c]), torch.cat([b, d]))
     assert abs(float(iou.aggregate()) - 5 / 9) < 1e-6
+
+
+def test_case_overlap_metric_keeps_per_case_values_in_its_buffer():
+    from sam3d.metrics import CaseOverlapMetric
+
+    a = torch.zeros(2, 1, 4, 4)
+    b = torch.zeros(2, 1, 4, 4)
+    a[0, 0, :2] = 1  # case 0: 8 predicted, 4 true inside them -> dice 8/12, iou 4/8
+    b[0, 0, :1] = 1
+    a[1, 0, 0, 0] = b[1, 0, 0, 0] = 1  # case 1: perfect
+    dice, iou = CaseOverlapMetric("dice", include_background=True), CaseOverlapMetric("iou")
+    dice(a, b)
+    iou(a, b)  # one channel: nothing to drop as background
+    torch.testing.assert_close(dice.get_buffer(), torch.tensor([[8 / 12], [1.0]]))
+    torch.testing.assert_close(iou.get_buffer(), torch.tensor([[0.5], [1.0]]))
+    assert float(dice.aggregate()) == pytest.approx((8 / 12 + 1) / 2)
+
+
+def test_echo_metric_keys_name_their_structure_and_metric():
+    from sam3d.apps.echo import metric_names, structure_metrics
+
+    names = metric_names(["lv", "myo_wall"])  # an underscore in a structure name
+    assert names[:3] == ["val_dice", "val_iou", "val_hd95"]
+    assert "val_hd95_myo_wall" in names and len(names) == 9
+    handlers = structure_metrics(["lv", "myo_wall"])
+    assert "val_dice" not in handlers and set(handlers) == set(names) - {"val_dice"}
+    h = handlers["val_iou_myo_wall"]
+    assert h.metric_fn.metric == "iou" and h._output_transform.c == 1
+    assert type(handlers["val_hd95_lv"].metric_fn).__name__ == "BoundedHD95Metric"

@@ -63,10 +63,14 @@ def test_extract_window_pads_with_the_volume_minimum_on_both_sides():
     "click", [(10.5, 7.5, 2.0), (10.0, 7.0, 2.5), (2.5, 14.5, 0.0), (19.0, 0.5, 4.0)]
 )
 def test_validation_cli_and_bundle_crop_the_same_window(tmp_path, click):
-    """The same click on the same volume: the validation inferer, the session that
-    ``sam3d segment`` runs and the inference bundle's inferer encode the same crop and hand
-    the model the same click. The volume (20 x 16 x 5 voxels at 1 mm, RAS) is thinner than
-    the 8-voxel window along k; no air, so validation's body crop keeps every voxel."""
+    """The same click on the same volume: the two code paths that place windows, the
+    session that ``sam3d segment`` runs (:class:`ClickSession`) and the bundle's
+    :class:`ClickInferer`, encode the same crop and hand the model the same click, after
+    training's validation chain and ``sam3d segment``'s preprocessing put the volume on
+    the same grid. Validation's :class:`ClickCropInferer` is ``ClickInferer(output=
+    "logits")``, not a third path: checked as such (its softmax is the bundle's
+    probability). The volume (20 x 16 x 5 voxels at 1 mm, RAS) is thinner than the
+    8-voxel window along k; no air, so validation's body crop keeps every voxel."""
     rng = np.random.default_rng(0)
     hu = rng.uniform(-50, 240, size=(20, 16, 5)).astype(np.float32)
     path = tmp_path / "thin.nii.gz"
@@ -92,13 +96,18 @@ def test_validation_cli_and_bundle_crop_the_same_window(tmp_path, click):
         val["image"][None], validation, points=points, point_labels=labels
     )
     bundle = RecordingModel(crop_size=8)
-    ClickInferer(growth=growth)(val["image"][None], bundle, points=points, point_labels=labels)
+    bundle_prob = ClickInferer(growth=growth)(
+        val["image"][None], bundle, points=points, point_labels=labels
+    )
 
-    assert len(cli.crops) == len(validation.crops) == len(bundle.crops) == 1
-    assert torch.equal(cli.crops[0], validation.crops[0])
+    assert len(cli.crops) == len(bundle.crops) == 1
     assert torch.equal(cli.crops[0], bundle.crops[0])
-    torch.testing.assert_close(cli.clicks[0], validation.clicks[0])
     torch.testing.assert_close(cli.clicks[0], bundle.clicks[0])
+    # ClickCropInferer: the bundle's inferer, only as logits log(1 - p), log(p)
+    assert torch.equal(validation.crops[0], bundle.crops[0])
+    torch.testing.assert_close(
+        torch.softmax(logits.float(), dim=1)[:, 1:], bundle_prob.float(), rtol=0, atol=1e-5
+    )
     # and the crop is the one the rule places, by hand
     origin = centred_origin(click, (8, 8, 8), (20, 16, 5))
     expected = extract_window(session.grid_image.as_tensor(), origin, (8, 8, 8))[None]

@@ -18,14 +18,12 @@ import torch
 from monai.config import KeysCollection
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer
-from monai.metrics.utils import do_metric_reduction
 from monai.transforms import MapTransform
 
 from sam3d.data.clicks import error_region_click
 from sam3d.data.planar import planar_split
 from sam3d.errors import Sam3DError
-from sam3d.metrics import HausdorffDistance95Metric, OverlapMetric
-from sam3d.metrics.overlap import overlap_from_counts
+from sam3d.metrics import CaseOverlapMetric, HausdorffDistance95Metric
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +79,6 @@ class BoundedHD95Metric(HausdorffDistance95Metric):
         return torch.where(torch.isinf(hd), diagonal, hd)
 
 
-class CaseOverlapMetric(OverlapMetric):
-    """:class:`sam3d.metrics.OverlapMetric` whose buffer holds the per-case values
-    (``B x C``) rather than counts, so ``save_details`` gives Dice / IoU per case."""
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        counts = super()._compute_tensor(y_pred, y, **kwargs)
-        return overlap_from_counts(counts, self.metric).float()
-
-    def aggregate(self, reduction: Any = None) -> Any:
-        f, _ = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
-        return f
-
-
 class _Channel:
     """``(preds, labels)`` of a decollated batch, channel ``c`` only (picklable)."""
 
@@ -107,10 +92,21 @@ class _Channel:
         return [p[self.c : self.c + 1] for p in preds], [y[self.c : self.c + 1] for y in labels]
 
 
+STRUCTURE_METRICS = ("dice", "iou", "hd95")
+
+
+def _metric_specs(class_names: Sequence[str]) -> list[tuple[str, str, int | None]]:
+    """``(key, metric, channel)`` of every metric :func:`structure_metrics` makes: the
+    means over structures (channel None), then one per structure."""
+    specs = [(f"val_{m}", m, None) for m in STRUCTURE_METRICS]
+    for c, name in enumerate(class_names):
+        specs += [(f"val_{m}_{name}", m, c) for m in STRUCTURE_METRICS]
+    return specs
+
+
 def metric_names(class_names: Sequence[str]) -> list[str]:
     """The metric keys :func:`structure_metrics` makes: means, then per structure."""
-    names = ["val_dice", "val_iou", "val_hd95"]
-    return names + [f"{m}_{c}" for c in class_names for m in names]
+    return [key for key, _, _ in _metric_specs(class_names)]
 
 
 def structure_metrics(
@@ -124,21 +120,17 @@ def structure_metrics(
     """
 
     def make(metric: str) -> Any:
-        if metric == "val_hd95":
+        if metric == "hd95":
             return BoundedHD95Metric(include_background=True)
-        return CaseOverlapMetric(metric=metric[4:], include_background=True)
+        return CaseOverlapMetric(metric=metric, include_background=True)
 
-    out = {}
-    for name in metric_names(class_names):
-        base = "_".join(name.split("_")[:2])
-        suffix = name[len(base) + 1 :]
-        c = None if not suffix else list(class_names).index(suffix)
-        if name == key:
-            continue
-        out[name] = IgniteMetricHandler(
-            metric_fn=make(base), output_transform=_Channel(c), save_details=save_details
+    return {
+        name: IgniteMetricHandler(
+            metric_fn=make(metric), output_transform=_Channel(c), save_details=save_details
         )
-    return out
+        for name, metric, c in _metric_specs(class_names)
+        if name != key
+    }
 
 
 def key_metric(save_details: bool = True) -> dict[str, IgniteMetricHandler]:

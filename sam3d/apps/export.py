@@ -46,23 +46,38 @@ LOAD = "$sam3d.apps.export.load_weights(@network_def, {path}).to(@device)"
 class BundleExport:
     """How one model kind's source bundle becomes a zoo bundle.
 
-    ``inference`` / ``evaluate``: keys set in the source bundle's config of that name
-    (``None`` deletes a key); ``network_def`` is always rebuilt from the metadata.
-    ``promptable``: ``network_def`` is the image-only view
-    (:class:`sam3d.engine.CentreClickNetwork`), as the zoo's checks call ``net(image)``.
+    ``kind``: the registered model kind; its :class:`~sam3d.models.registry.ModelKind`
+    says the source bundle (``bundle``) and whether ``network_def`` is the image-only view
+    (``promptable``: :class:`sam3d.engine.CentreClickNetwork`, as the zoo's checks call
+    ``net(image)``). ``inference`` / ``evaluate``: keys set in the source bundle's config
+    of that name (``None`` deletes a key); ``network_def`` is always rebuilt from the
+    metadata.
     """
 
-    bundle: str
-    promptable: bool = False
+    kind: str
     inference: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     preprocessing: str = ""  # one paragraph for the README
 
+    @property
+    def bundle(self) -> str:
+        from sam3d.models.registry import get_kind
+
+        bundle = get_kind(self.kind).bundle
+        if bundle is None:
+            raise Sam3DError(f"{self.kind} models train in no bundle: nothing to export")
+        return bundle
+
+    @property
+    def promptable(self) -> bool:
+        from sam3d.models.registry import get_kind
+
+        return get_kind(self.kind).prompt_required
+
 
 EXPORTS: dict[str, BundleExport] = {
     "sam3d": BundleExport(
-        "kits",
-        promptable=True,
+        "sam3d",
         inference={
             "loaded": None,
             "network": LOAD.format(path="@checkpoint") + ".eval()",
@@ -86,7 +101,7 @@ EXPORTS: dict[str, BundleExport] = {
         ),
     ),
     "topolora": BundleExport(
-        "retina",
+        "topolora",
         inference={
             "checkpoint": None,
             "network": LOAD.format(path="@ckpt_path"),

@@ -53,6 +53,8 @@ from monai.transforms import (
 
 from sam3d.data.augment import RandCropAffined
 from sam3d.data.clicks import ClickedLesiond, RandSimulateClicksd, SimulateClicksd
+from sam3d.data.geometry import ClicksToGridd
+from sam3d.data.volume import LoadVolumed
 from sam3d.errors import Sam3DError
 from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
@@ -310,11 +312,9 @@ def inference_transforms(
         spacing_mm: grid spacing; default the preset's.
         device: where the volume is resampled (the GPU makes resampling cheap).
         key: the image key (a NIfTI path or a channel-first MetaTensor ``1 x I x J x K``).
-        clicks: append :class:`~sam3d.inference.grid.ClicksToGridd` (``points`` in
+        clicks: append :class:`~sam3d.data.geometry.ClicksToGridd` (``points`` in
             original voxels, or RAS mm with ``world``, mapped onto the grid).
     """
-    from sam3d.inference.grid import ClicksToGridd, LoadVolumed
-
     if spacing_mm is None:
         spacing_mm = preset.get("spacing_mm", 1.0)
     pixdim = [float(spacing_mm)] * 3 if np.ndim(spacing_mm) == 0 else [float(v) for v in spacing_mm]

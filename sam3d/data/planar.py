@@ -395,7 +395,8 @@ def planar_split(
             phantom_kind, Path(dataset_dir), int(n_phantoms), seed=seed, size=tuple(phantom_size)
         )
         found = find_image_mask_dataset(dataset_dir, seed)
-        assert found is not None
+        if found is None:
+            raise Sam3DError(f"{dataset_dir}: the phantoms written there are not found back")
     if not found[split]:
         raise Sam3DError(
             f"the {split} split of {dataset_dir} is empty: it has too few training cases "

@@ -18,7 +18,7 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.progress`: :class:`TrainingProgress` (one bar over the run: loss, validation, ETA).
 """
 
-from sam3d.engine.checkpointing import TrainingCheckpoint, atomic_torch_save, read_resume_state
+from sam3d.engine.checkpointing import TrainingCheckpoint
 from sam3d.engine.click_validation import ClickCurveValidation
 from sam3d.engine.clicks import (
     CentreClickNetwork,
@@ -36,6 +36,7 @@ from sam3d.engine.interactive import (
 from sam3d.engine.options import as_bool
 from sam3d.engine.progress import TrainingProgress
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
+from sam3d.engine.resume import atomic_torch_save, read_resume_state
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
 __all__ = [

@@ -24,9 +24,9 @@ from typing import Any
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
-from sam3d.engine.checkpointing import atomic_torch_save, read_resume_state
 from sam3d.engine.distributed import is_rank0
 from sam3d.engine.options import as_bool
+from sam3d.engine.resume import atomic_torch_save, read_resume_state
 from sam3d.errors import Sam3DError
 
 logger = logging.getLogger("sam3d.engine")

@@ -13,7 +13,7 @@ are exactly the input's.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,54 +21,22 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, MapTransform
+from monai.transforms import Compose, Invertd
 
-from sam3d.data.io import atomic_write, check_grid_size, load_image
+# moved to sam3d.data (the preprocessing recipe uses them; data never imports inference)
+from sam3d.data.geometry import (  # noqa: F401
+    DEFAULT_SPACING_MM,
+    ClicksToGridd,
+    _as_affine,
+    check_points_inside,
+    grid_spacing_mm,
+    original_to_grid,
+    world_to_original,
+)
+from sam3d.data.io import atomic_write
+from sam3d.data.pipelines import inference_transforms
+from sam3d.data.volume import LoadVolumed  # noqa: F401
 from sam3d.errors import Sam3DError
-
-DEFAULT_SPACING_MM = 1.0
-
-
-class LoadVolumed(MapTransform):
-    """Load a 3D image (a path) with :func:`sam3d.data.io.load_image`; pass a MetaTensor through.
-
-    The result is ``1 x I x J x K`` in the file's own orientation, with ``original_affine``
-    and ``spatial_shape`` in its metadata. Unreadable, corrupt or non-3D files raise
-    :class:`Sam3DError`; so does an image whose grid at ``grid_spacing_mm`` (the
-    ``Spacingd`` that follows) would be too large (checked before it is allocated).
-    """
-
-    def __init__(
-        self,
-        keys: Any = "image",
-        allow_missing_keys: bool = False,
-        grid_spacing_mm: float | Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.grid_spacing_mm = grid_spacing_mm
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            value = d[key]
-            if isinstance(value, (str, os.PathLike)):
-                img = load_image(value, require_3d=True)
-            elif isinstance(value, MetaTensor):
-                img = value
-                if img.ndim != 4:
-                    raise Sam3DError(
-                        f"expected a channel-first 3D image (1 x I x J x K), got shape "
-                        f"{tuple(img.shape)}"
-                    )
-            else:
-                raise Sam3DError(f"cannot read an image from a {type(value).__name__}")
-            if self.grid_spacing_mm is not None:
-                name = img.meta.get("filename_or_obj") or "the image"
-                check_grid_size(name, img.shape[1:], img.affine, self.grid_spacing_mm)
-            img.meta.setdefault("original_affine", img.affine.clone())
-            img.meta.setdefault("spatial_shape", np.asarray(img.shape[1:]))
-            d[key] = img
-        return d
 
 
 def preprocessing(
@@ -86,104 +54,7 @@ def preprocessing(
         device: where the volume is resampled (the GPU makes resampling cheap).
         key: the image key.
     """
-    from sam3d.data.pipelines import inference_transforms
-
     return inference_transforms(dict(dataset), spacing_mm=spacing_mm, device=device, key=key)
-
-
-def _as_affine(a: Any) -> np.ndarray:
-    return np.asarray(torch.as_tensor(a).detach().cpu().double().numpy(), dtype=np.float64)
-
-
-def original_to_grid(
-    points: np.ndarray | Sequence[Sequence[float]],
-    original_affine: Any,
-    grid_affine: Any,
-    world: bool = False,
-) -> np.ndarray:
-    """Map clicks ``N x 3`` (original voxels, or RAS mm with ``world``) to grid voxels ``N x 3``."""
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    hom = np.concatenate([p, np.ones((len(p), 1))], axis=1)
-    world_mm = hom if world else hom @ _as_affine(original_affine).T
-    return (world_mm @ np.linalg.inv(_as_affine(grid_affine)).T)[:, :3]
-
-
-def grid_spacing_mm(image: Any) -> tuple[float, float, float]:
-    """Voxel spacing (mm, 3 values) from a MetaTensor's affine; 1 mm for a plain tensor."""
-    if not isinstance(image, MetaTensor):
-        return (DEFAULT_SPACING_MM,) * 3
-    a = _as_affine(image.affine)
-    a = a[0] if a.ndim == 3 else a  # a batch of one
-    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def world_to_original(points_world: np.ndarray, original_affine: Any) -> np.ndarray:
-    """RAS mm ``N x 3`` -> original voxel coordinates ``N x 3``."""
-    p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
-    hom = np.concatenate([p, np.ones((len(p), 1))], axis=1)
-    return (hom @ np.linalg.inv(_as_affine(original_affine)).T)[:, :3]
-
-
-def check_points_inside(
-    points: np.ndarray | Sequence[Sequence[float]],
-    original_affine: Any,
-    shape: Sequence[int],
-    world: bool = False,
-) -> None:
-    """Raise :class:`Sam3DError` unless every click lies inside the original image."""
-    given = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    vox = world_to_original(given, original_affine) if world else given
-    shape = [int(s) for s in shape]
-    for g, v in zip(given, vox):
-        if not all(-0.5 <= v[a] <= shape[a] - 0.5 for a in range(3)):
-            what = "world point (mm, RAS)" if world else "voxel"
-            where = f" (voxel {np.round(v, 1).tolist()})" if world else ""
-            raise Sam3DError(
-                f"click {what} {np.round(g, 2).tolist()}{where} is outside the image of shape "
-                f"{tuple(shape)}; voxel indices run from 0 to {tuple(s - 1 for s in shape)}"
-            )
-
-
-class ClicksToGridd(MapTransform):
-    """Map VISTA3D-style prompts in the data dict onto the grid of the preprocessed image.
-
-    Reads ``points`` (``N x 3``, original voxel indices, or RAS mm with ``world``) and
-    ``point_labels`` (``N``: 1 foreground, 0 background), checks they lie inside the
-    image, and replaces them with grid voxel coordinates (float32 ``N x 3``) and long
-    labels. Missing prompts become an empty set (``0 x 3``), meaning automatic mode.
-    Place it after Spacingd.
-    """
-
-    def __init__(
-        self,
-        ref_key: str = "image",
-        points_key: str = "points",
-        labels_key: str = "point_labels",
-        world: bool = False,
-    ) -> None:
-        super().__init__([points_key], allow_missing_keys=True)
-        self.ref_key, self.points_key, self.labels_key, self.world = (
-            ref_key,
-            points_key,
-            labels_key,
-            world,
-        )
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        img = d[self.ref_key]
-        pts = d.get(self.points_key)
-        pts = np.zeros((0, 3)) if pts is None else np.asarray(pts, dtype=np.float64).reshape(-1, 3)
-        labels = d.get(self.labels_key)
-        labels = np.ones(len(pts)) if labels is None else np.asarray(labels).reshape(-1)
-        if len(labels) != len(pts):
-            raise Sam3DError(f"{len(pts)} points but {len(labels)} point_labels")
-        a0 = img.meta["original_affine"]
-        check_points_inside(pts, a0, img.meta["spatial_shape"], world=self.world)
-        grid = original_to_grid(pts, a0, img.affine, world=self.world)
-        d[self.points_key] = torch.as_tensor(grid, dtype=torch.float32)
-        d[self.labels_key] = torch.as_tensor(labels, dtype=torch.long)
-        return d
 
 
 def invert_to_original(

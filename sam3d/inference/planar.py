@@ -13,8 +13,6 @@ from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
 from sam3d.inference.segment import check_writable
 
-PROMPTABLE_2D = ("samus",)  # planar kinds that take clicks
-
 
 def read_grey_png(path: str | os.PathLike) -> np.ndarray:
     """An 8-bit grey (or RGB, averaged) image as float32 ``H x W`` in [0, 1].
@@ -63,6 +61,7 @@ def segment_image_file(
     Returns the mask (bool ``H x W``).
     """
     from sam3d.models.checkpoint import load_trained, read_trained
+    from sam3d.models.registry import get_kind, kinds_where, model_kinds
 
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -84,11 +83,13 @@ def segment_image_file(
                 f"x in 0..{w - 1}, y in 0..{h - 1})"
             )
     kind = read_trained(checkpoint)["model"]
-    if kind not in PROMPTABLE_2D:
-        hint = "use `sam3d segment` for NIfTI volumes" if kind == "sam3d" else "it takes no clicks"
+    clickable = kinds_where(prompt="points2d")
+    if kind not in clickable:
+        volumetric = get_kind(kind).wing == "volumetric" if kind in model_kinds() else False
+        hint = "use `sam3d segment` for NIfTI volumes" if volumetric else "it takes no clicks"
         raise Sam3DError(
             f"{checkpoint} holds a {kind} model; segment-2d needs a promptable 2D model "
-            f"({', '.join(PROMPTABLE_2D)}): {hint}"
+            f"({', '.join(clickable)}): {hint}"
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load_trained(checkpoint, map_location=dev, kind=kind)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from sam3d.data.geometry import spacing_from_affine
 from sam3d.errors import Sam3DError
 from sam3d.inference.grid import (
     LoadVolumed,
@@ -384,7 +385,7 @@ class ClickSession:
             center = tuple(int(round(c)) for c in np.argwhere(mask).mean(0))
         else:
             center = tuple(s // 2 for s in self.original_shape)
-        spacing = tuple(float(s) for s in np.linalg.norm(self.original_affine[:3, :3], axis=0))
+        spacing = spacing_from_affine(self.original_affine)
         save_overlay_png(
             self.original_image[0].cpu().numpy(),
             mask,

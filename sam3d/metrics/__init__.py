@@ -4,6 +4,7 @@ from sam3d.metrics.boundary import BoundaryF1Metric, compute_bf_score, mask_boun
 from sam3d.metrics.calibration import CalibrationErrorMetric, compute_ece
 from sam3d.metrics.cldice import ClDiceMetric, compute_cldice
 from sam3d.metrics.overlap import (
+    CaseOverlapMetric,
     OverlapMetric,
     compute_dice,
     compute_iou,
@@ -25,6 +26,7 @@ __all__ = [
     "AverageSurfaceDistanceMetric",
     "BoundaryF1Metric",
     "CalibrationErrorMetric",
+    "CaseOverlapMetric",
     "ClDiceMetric",
     "HausdorffDistance95Metric",
     "OverlapMetric",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction, ignore_background
+from monai.metrics.utils import ignore_background
 from monai.utils import MetricReduction
 
+from sam3d.metrics.base import CaseMetric
 from sam3d.metrics.surface import _within_tolerance, as_binary, check_tolerance
 
 __all__ = ["BoundaryF1Metric", "compute_bf_score", "mask_boundary"]
@@ -112,7 +112,7 @@ def compute_bf_score(
     return bf.reshape(lead)
 
 
-class BoundaryF1Metric(CumulativeIterationMetric):
+class BoundaryF1Metric(CaseMetric):
     """Cumulative BFScore, ``B x C`` per call, for ``B x C x spatial`` binarised inputs.
 
     Args:
@@ -130,15 +130,12 @@ class BoundaryF1Metric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(include_background, reduction, get_not_nans)
         d = 2 if spacing_mm is None or np.ndim(spacing_mm) == 0 else len(spacing_mm)
         _tolerance_and_spacing(tolerance_px, tolerance_mm, spacing_mm, d)  # refuse misuse early
         self.tolerance_px = tolerance_px
         self.tolerance_mm = tolerance_mm
         self.spacing_mm = spacing_mm
-        self.include_background = include_background
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if not self.include_background:
@@ -151,10 +148,3 @@ class BoundaryF1Metric(CumulativeIterationMetric):
             spacing_mm=self.spacing_mm,
             spatial_dims=y_pred.ndim - 2,
         ).float()
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.metrics import CumulativeIterationMetric
+
+from sam3d.metrics.base import CaseMetric
 
 __all__ = ["CalibrationErrorMetric", "calibration_bins", "compute_ece", "ece_from_bins"]
 
@@ -55,7 +56,7 @@ def compute_ece(
     return ece_from_bins(calibration_bins(prob, target, n_bins, mode))
 
 
-class CalibrationErrorMetric(CumulativeIterationMetric):
+class CalibrationErrorMetric(CaseMetric):
     """Dataset-level ECE: bin statistics of every case are summed, then one ECE.
 
     ``y_pred`` are foreground probabilities ``B x 1 x spatial`` (or ``B x C``: the
@@ -63,7 +64,7 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
     """
 
     def __init__(self, n_bins: int = 15, mode: str = "confidence", channel: int = -1) -> None:
-        super().__init__()
+        super().__init__(include_background=True)
         self.n_bins = n_bins
         self.mode = mode
         self.channel = channel
@@ -75,7 +76,5 @@ class CalibrationErrorMetric(CumulativeIterationMetric):
         )  # B x 3 x n_bins
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
-        return ece_from_bins(data.sum(0)).float()
+        """One dataset-level ECE from the summed bin statistics (not a per-case mean)."""
+        return ece_from_bins(self.buffer().sum(0)).float()

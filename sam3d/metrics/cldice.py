@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction, ignore_background
+from monai.metrics.utils import ignore_background
 from monai.utils import MetricReduction
 
+from sam3d.metrics.base import CaseMetric
 from sam3d.metrics.skeleton import skeletonize
 from sam3d.metrics.surface import as_binary
 
@@ -88,7 +88,7 @@ def compute_cldice(
     return cldice_from_skeletons(p, g, skel[0], skel[1], d)
 
 
-class ClDiceMetric(CumulativeIterationMetric):
+class ClDiceMetric(CaseMetric):
     """Cumulative clDice, ``B x C`` per call, for ``B x C x spatial`` binarised inputs.
 
     Args:
@@ -104,13 +104,10 @@ class ClDiceMetric(CumulativeIterationMetric):
         get_not_nans: bool = False,
         skeleton: str = "sam3d",
     ) -> None:
-        super().__init__()
+        super().__init__(include_background, reduction, get_not_nans)
         if skeleton not in SKELETONS:
             raise ValueError(f"skeleton must be one of {SKELETONS}, got {skeleton!r}.")
         self.skeleton = skeleton
-        self.include_background = include_background
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if not self.include_background:
@@ -118,10 +115,3 @@ class ClDiceMetric(CumulativeIterationMetric):
         return compute_cldice(
             y_pred, y, spatial_dims=y_pred.ndim - 2, skeleton=self.skeleton
         ).float()
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction, ignore_background
+from monai.metrics.utils import ignore_background
 from monai.utils import MetricReduction
 
+from sam3d.metrics.base import CaseMetric
 from sam3d.metrics.surface import as_binary
 
 __all__ = [
@@ -83,7 +83,7 @@ def compute_precision_recall(
     return overlap_from_counts(counts, "precision"), overlap_from_counts(counts, "recall")
 
 
-class OverlapMetric(CumulativeIterationMetric):
+class OverlapMetric(CaseMetric):
     """Cumulative Dice / IoU / precision / recall for ``B x C x spatial`` binarised inputs.
 
     The buffer keeps per-case (tp, fp, fn) counts, so ``aggregate`` can give the mean of
@@ -105,28 +105,50 @@ class OverlapMetric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(include_background, reduction, get_not_nans)
         if metric not in METRICS:
             raise ValueError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
         self.metric = metric
-        self.include_background = include_background
         self.pooled = pooled
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if not self.include_background:
             y_pred, y = ignore_background(y_pred, y)
         return confusion_counts(y_pred, y, y_pred.ndim - 2)  # B x C x 3
 
+    def case_values(self) -> torch.Tensor:
+        """Per-case values ``N x C`` from the buffered counts."""
+        return overlap_from_counts(self.buffer(), self.metric).float()
+
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        counts = self.get_buffer()
-        if not isinstance(counts, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
         if self.pooled:
-            per_class = overlap_from_counts(counts.sum(0), self.metric)
+            per_class = overlap_from_counts(self.buffer().sum(0), self.metric)
             return per_class.nanmean().float()
-        f, not_nans = do_metric_reduction(
-            overlap_from_counts(counts, self.metric).float(), reduction or self.reduction
-        )
-        return (f, not_nans) if self.get_not_nans else f
+        return super().aggregate(reduction)
+
+
+class CaseOverlapMetric(CaseMetric):
+    """Per-case Dice / IoU / precision / recall in the buffer (``B x C``), so MONAI's
+    ``save_details`` records the values of each case (not :class:`OverlapMetric`'s counts).
+
+    Args: ``metric``, ``include_background``, ``reduction``, ``get_not_nans`` as
+    :class:`OverlapMetric`.
+    """
+
+    def __init__(
+        self,
+        metric: str = "dice",
+        include_background: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__(include_background, reduction, get_not_nans)
+        if metric not in METRICS:
+            raise ValueError(f"Unknown overlap metric {metric!r}; use one of {', '.join(METRICS)}.")
+        self.metric = metric
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if not self.include_background:
+            y_pred, y = ignore_background(y_pred, y)
+        counts = confusion_counts(y_pred, y, y_pred.ndim - 2)
+        return overlap_from_counts(counts, self.metric).float()

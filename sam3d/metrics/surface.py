@@ -50,9 +50,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction, ignore_background
+from monai.metrics.utils import ignore_background
 from monai.utils import MetricReduction
+
+from sam3d.metrics.base import CaseMetric
 
 __all__ = [
     "AverageSurfaceDistanceMetric",
@@ -724,7 +725,7 @@ def spacing_from_meta(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-class SpacingAwareMetric(CumulativeIterationMetric):
+class SpacingAwareMetric(CaseMetric):
     """Base for metrics that need the voxel spacing of ``B x C x spatial`` inputs.
 
     The spacing comes from, in order: ``spacing_mm`` passed to the call, ``spacing_mm``
@@ -740,11 +741,8 @@ class SpacingAwareMetric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
-        self.include_background = include_background
+        super().__init__(include_background, reduction, get_not_nans)
         self.spacing_mm = spacing_mm
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _spacing(self, y_pred: torch.Tensor, y: torch.Tensor, kwargs: dict) -> Any:
         for s in (kwargs.get("spacing_mm"), self.spacing_mm):
@@ -764,13 +762,6 @@ class SpacingAwareMetric(CumulativeIterationMetric):
         if y_pred.ndim < 4:
             raise ValueError(f"{type(self).__name__} needs B x C x spatial inputs.")
         return ignore_background(y_pred, y) if not self.include_background else (y_pred, y)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
 
 
 class SurfaceDiceMetric(SpacingAwareMetric):

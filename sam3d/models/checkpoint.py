@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from sam3d.data.io import atomic_write
 from sam3d.errors import Sam3DError
+from sam3d.files import atomic_write
 
 
 def read_checkpoint(
@@ -90,8 +90,8 @@ def read_trained(
 ) -> dict[str, Any]:
     """A trained checkpoint as a dict with ``model``, ``preset``, ``state_dict``, ``meta``.
 
-    Files written before the ``model`` key existed are Sam3D checkpoints when their preset
-    has a ``crop_size`` and TopoLoRA-SAM ones otherwise.
+    Files written before the ``model`` key existed get their kind from
+    :func:`legacy_model_kind`.
     """
     obj = read_checkpoint(path, what, map_location)
     if not isinstance(obj, dict) or "state_dict" not in obj or "preset" not in obj:
@@ -104,9 +104,25 @@ def read_trained(
             f"{path}: 'preset' must be a dict or a name and 'state_dict' a dict of tensors"
         )
     if "model" not in obj:
-        preset = obj["preset"]
-        obj["model"] = "sam3d" if isinstance(preset, str) or "crop_size" in preset else "topolora"
+        obj["model"] = legacy_model_kind(obj["preset"], path)
     return obj
+
+
+def legacy_model_kind(preset: dict[str, Any] | str, path: Any = "checkpoint") -> str:
+    """The kind of a trained checkpoint written before the ``model`` key existed.
+
+    That first format held one of two kinds, and every kind registered since writes its
+    ``model`` key. A Sam3D preset is a name of ``configs/model/`` or has a ``crop_size``;
+    a TopoLoRA-SAM config has a ``sam`` and no ``crop_size``. Anything else is refused.
+    """
+    if isinstance(preset, str) or "crop_size" in preset:
+        return "sam3d"
+    if "sam" in preset:
+        return "topolora"
+    raise Sam3DError(
+        f"{path} names no model kind ('model') and its preset is neither a Sam3D nor a "
+        "TopoLoRA-SAM one (the two kinds of the format without 'model')"
+    )
 
 
 def load_trained(

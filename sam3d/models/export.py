@@ -1,8 +1,10 @@
 """Export a trained network's inference forward: TorchScript, ``torch.export`` and ONNX.
 
 What is exported is the *image-only view* of a model (``view(image) -> logits``): a
-promptable model is wrapped in :class:`sam3d.engine.CentreClickNetwork` (one positive
-click at the crop centre when none is given), a prompt-free one is itself. Which format
+kind whose forward needs clicks (``ModelKind.prompt_required`` in
+:mod:`sam3d.models.registry`) is wrapped in :class:`sam3d.engine.CentreClickNetwork` (one
+positive click at the crop centre when none is given), any other is itself. The example
+input is the kind's (``ModelKind.example_input``: channels, side, intensity range). Which format
 works for which model (``FORMATS``) is tested in ``tests/test_export.py``:
 
 - Sam3D: ``torch.jit.script`` fails (``F.interpolate`` with an int ``scale_factor`` and
@@ -27,32 +29,28 @@ import torch
 from sam3d.errors import Sam3DError
 
 FORMATS = ("torchscript", "torch_export", "onnx")
-PROMPTABLE = ("sam3d",)  # kinds whose forward takes clicks
 
 
 def inference_view(model: torch.nn.Module, kind: str | None = None) -> torch.nn.Module:
-    """The image-only view of ``model`` (eval mode): wrapped when its kind is promptable."""
+    """The image-only view of ``model`` (eval mode): wrapped when its kind needs clicks."""
     from sam3d.engine import CentreClickNetwork
-    from sam3d.models.registry import kind_of
+    from sam3d.models.registry import get_kind, kind_of
 
     if isinstance(model, CentreClickNetwork):
         return model.eval()
-    kind = kind or kind_of(model)
-    return (CentreClickNetwork(model) if kind in PROMPTABLE else model).eval()
+    wrap = get_kind(kind or kind_of(model)).prompt_required
+    return (CentreClickNetwork(model) if wrap else model).eval()
 
 
 def example_input(model: torch.nn.Module, size: int | None = None, seed: int = 0) -> torch.Tensor:
-    """A seeded random input for the view of ``model``: ``1 x 1 x c x c x c`` for Sam3D
-    (``c`` its crop), ``1 x 3 x s x s`` (0..255) for the planar models (``s`` = ``size`` or
-    the model's ``image_size``)."""
+    """A seeded random input for (the view of) a registered model: its kind's
+    :meth:`~sam3d.models.registry.ModelKind.example_input` (Sam3D ``1 x 1 x c x c x c``
+    z-scored; TopoLoRA-SAM and DeSAM ``1 x 3 x s x s`` in 0..255; SAMUS ``1 x 1 x s x s``
+    in 0..1), ``size`` or the model's own input side."""
+    from sam3d.models.registry import get_kind, kind_of
+
     net = getattr(model, "network", model)
-    g = torch.Generator().manual_seed(seed)
-    if hasattr(net, "crop_size"):
-        c = int(size or net.crop_size)
-        return torch.randn(1, 1, c, c, c, generator=g)
-    sam = getattr(net, "sam", None)
-    s = int(size or (sam.image_encoder.img_size if sam is not None else 256))
-    return torch.rand(1, 3, s, s, generator=g) * 255
+    return get_kind(kind_of(net)).example_input(net, size, seed)
 
 
 def to_torchscript(

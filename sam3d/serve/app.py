@@ -36,6 +36,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from sam3d.data.geometry import spacing_from_affine
 from sam3d.data.io import is_nifti_name, nifti_stem
 from sam3d.errors import Sam3DError
 from sam3d.serve.masks import encode_mask, pack_message
@@ -88,7 +89,7 @@ def volume_message(entry: Entry, dataset: Mapping[str, Any]) -> bytes:
         "name": entry.name,
         "shape": list(s.original_shape),
         "dtype": "int16" if whole else "float32",
-        "spacing_mm": [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+        "spacing_mm": list(spacing_from_affine(affine)),
         "voxel_ml": float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0,
         "affine": np.asarray(affine).tolist(),
         "axis_world": world,
@@ -103,7 +104,7 @@ def mask_message(entry: Entry, mask: np.ndarray, seconds: float) -> bytes:
     """The current mask as box + packed bits, with its volume and extent for the page."""
     s = entry.session
     box, bits = encode_mask(mask)
-    spacing = np.linalg.norm(s.original_affine[:3, :3], axis=0)
+    spacing = np.asarray(spacing_from_affine(s.original_affine))
     voxels = int(np.count_nonzero(mask[box[0] : box[3], box[1] : box[4], box[2] : box[5]]))
     header = {
         "box": box,

@@ -33,7 +33,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetResBlock
@@ -43,8 +42,9 @@ from segment_anything.utils.amg import build_point_grid
 from torch import nn
 
 from sam3d.errors import Sam3DError
+from sam3d.models.planar.amg import remove_small_regions, select_grid_mask  # noqa: F401
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.sam.build import build_sam, sam_preset
-from sam3d.presets import read_preset
 
 # Features of one image batch: three taps (C x g x g each, shallow to deep) + neck (256 x g x g)
 Features = Sequence[torch.Tensor]
@@ -245,6 +245,8 @@ class DeSAM(nn.Module):
         tap_blocks: encoder block indices tapped (default: the first three global
             blocks, ``global_attn_indexes[:-1]``).
         pdmm_width, deep_supervision: see :class:`PDMM`.
+        config: what the registry rebuilds it from (:func:`build_desam` sets it; None for
+            a model around a ``Sam`` passed in), kept as ``self.config``.
 
     Inputs are SAM's: ``B x 3 x S x S`` preprocessed images (:meth:`preprocess`), points
     and boxes in that ``S x S`` pixel frame (x, y). Logits are ``S/4 x S/4``.
@@ -256,8 +258,10 @@ class DeSAM(nn.Module):
         tap_blocks: Sequence[int] | None = None,
         pdmm_width: int = 256,
         deep_supervision: bool = False,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.config = dict(config) if config is not None else None
         if not isinstance(sam, Sam):
             raise Sam3DError(f"DeSAM wraps a segment_anything Sam, got {type(sam).__name__}")
         enc = sam.image_encoder
@@ -281,7 +285,11 @@ class DeSAM(nn.Module):
         self.mask_decoder = DecoupledMaskDecoder(encoder_dim, pdmm_width, deep_supervision)
         prim_state = sam.mask_decoder.state_dict()
         missing, unexpected = self.mask_decoder.load_state_dict(prim_state, strict=False)
-        assert not unexpected and all(k.startswith("pimm.") for k in missing)
+        if unexpected or not all(k.startswith("pimm.") for k in missing):
+            raise ValueError(
+                f"SAM's mask decoder does not fit PRIM: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
         for p in self.image_encoder.parameters():
             p.requires_grad_(False)
         for p in self.prompt_encoder.parameters():
@@ -489,6 +497,10 @@ class DeSAM(nn.Module):
         return logits[:, 0] > 0
 
     # ------------------------------------------------------------------ bookkeeping
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: ``mask_decoder`` (the encoders are frozen)."""
+        return parameter_groups(mask_decoder=self.mask_decoder)
+
     def parameter_counts(self) -> dict[str, int]:
         """``mask_decoder`` (all, as the reference counts), its parts, ``trainable``, encoders."""
 
@@ -508,77 +520,14 @@ class DeSAM(nn.Module):
         }
 
 
-def remove_small_regions(
-    mask: np.ndarray, area_thresh: float, mode: str
-) -> tuple[np.ndarray, bool]:
-    """SAM's AMG clean-up of one ``H x W`` bool mask (``segment_anything.utils.amg``, which
-    needs OpenCV; scipy here): ``mode="holes"`` fills holes, ``"islands"`` drops islands,
-    smaller than ``area_thresh`` px (8-connected). When every island is small, the largest
-    is kept. Returns the mask and whether any region was below the threshold."""
-    from scipy import ndimage
-
-    if mode not in ("holes", "islands"):
-        raise Sam3DError(f"mode must be 'holes' or 'islands', got {mode!r}")
-    holes = mode == "holes"
-    labels, n = ndimage.label(mask != holes, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    small = np.flatnonzero(sizes < area_thresh) + 1
-    if not len(small):
-        return mask, False
-    if holes:
-        return mask | np.isin(labels, small), True
-    big = np.setdiff1d(np.arange(1, n + 1), small)
-    if not len(big):
-        big = [int(np.argmax(sizes)) + 1]
-    return np.isin(labels, big), True
-
-
-def select_grid_mask(
-    logits: torch.Tensor,
-    iou: torch.Tensor,
-    iou_threshold: float = 0.5,
-    min_region_px: float = 1000,
-    nms_threshold: float = 0.7,
-) -> tuple[torch.Tensor, float]:
-    """One mask from grid candidates ``P x H x W`` logits and predicted IoU ``P``, as the
-    reference's automatic mask generator with one crop and its top record kept.
-
-    Candidates with IoU > ``iou_threshold`` are binarised (probability > 0.5); box NMS at
-    ``nms_threshold`` ranked by IoU; holes, then islands, below ``min_region_px`` at a
-    256 x 256 mask (scaled with ``H x W``) are cleaned (:func:`remove_small_regions`); a
-    second box NMS prefers masks the clean-up left unchanged; the first survivor is kept.
-    Returns it (bool ``H x W``) and its IoU, or an empty mask and NaN when none passed.
-    """
-    from segment_anything.utils.amg import batched_mask_to_box
-    from torchvision.ops import batched_nms
-
-    h, w = logits.shape[-2:]
-    keep = torch.nonzero(iou > iou_threshold).flatten()
-    if not len(keep):
-        return torch.zeros(h, w, dtype=torch.bool), float("nan")
-    masks, scores = logits[keep] > 0, iou[keep].float()
-    zeros = torch.zeros(len(keep), dtype=torch.long)
-    first = batched_nms(batched_mask_to_box(masks).float(), scores, zeros, nms_threshold)
-    area = float(min_region_px) * h * w / 256**2
-    if area <= 0:  # the reference cleans (and re-runs NMS) only with a minimum region
-        return masks[first[0]], float(scores[first[0]])
-    cleaned, unchanged = [], []
-    for k in first.tolist():
-        m, holes = remove_small_regions(masks[k].numpy(), area, "holes")
-        m, islands = remove_small_regions(m, area, "islands")
-        cleaned.append(torch.from_numpy(np.ascontiguousarray(m)))
-        unchanged.append(float(not (holes or islands)))
-    stack = torch.stack(cleaned)
-    boxes = batched_mask_to_box(stack).float()
-    top = int(batched_nms(boxes, torch.tensor(unchanged), zeros[: len(stack)], nms_threshold)[0])
-    return stack[top], float(scores[first[top]])
-
-
 def desam_preset(name: str | os.PathLike) -> dict[str, Any]:
     """A DeSAM preset of ``configs/desam/`` as builder kwargs: ``vit_b`` (the reference's),
     ``vit_h`` (the paper's), ``tiny`` (CPU tests: the tiny random SAM has two global
-    blocks, so its taps are blocks 0-2; 256 input, logits 64 x 64)."""
-    return dict(read_preset("desam", name))
+    blocks, so its taps are blocks 0-2; 256 input, logits 64 x 64). Read by
+    :func:`sam3d.models.registry.model_preset`, the one reader."""
+    from sam3d.models.registry import model_preset
+
+    return model_preset("desam", name)
 
 
 def build_desam(
@@ -607,9 +556,7 @@ def build_desam(
         sam = build_sam(sam, sam_checkpoint, image_size)
     elif sam_checkpoint is not None:
         raise Sam3DError("pass either a built Sam or a sam_checkpoint, not both")
-    model = DeSAM(sam, tap_blocks, pdmm_width, deep_supervision)
-    model.config = config
-    return model
+    return DeSAM(sam, tap_blocks, pdmm_width, deep_supervision, config=config)
 
 
 def mask_decoder_parameter_count(encoder_dim: int, pdmm_width: int = 256) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 from torch import nn
 
 from sam3d.errors import Sam3DError
+from sam3d.models.attention import attend, merge_heads, split_heads
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.sam.build import build_sam, resize_sam_state_dict
 
 SAM_GRID = 64  # SAM's token grid at its 1024 input (the pre-trained position embedding)
@@ -85,7 +88,7 @@ class PositionAdapter(nn.Module):
         super().__init__()
         ratio = grid_in // grid_out
         if grid_in % grid_out or ratio & (ratio - 1):
-            raise Sam3DError(f"position grid {grid_in} cannot be pooled to {grid_out}")
+            raise ValueError(f"position grid {grid_in} cannot be pooled to {grid_out}")
         n = int(math.log2(ratio))
         self.blocks = nn.Sequential(
             *[ConvBlock(dim, dim, pool=True) for _ in range(n)] or [ConvBlock(dim, dim)]
@@ -133,12 +136,10 @@ class CrossBranchAttention(nn.Module):
         b, h, w, c = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, h * w, self.num_heads, -1).transpose(1, 2)
+            return split_heads(t.reshape(b, h * w, c), self.num_heads)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.q(x)), heads(self.k(cnn)), heads(self.v(cnn))
-        )
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+        out = attend(heads(self.q(x)), heads(self.k(cnn)), heads(self.v(cnn)))
+        return self.proj(merge_heads(out).reshape(b, h, w, c))
 
 
 class SamusBlock(nn.Module):
@@ -152,7 +153,7 @@ class SamusBlock(nn.Module):
     def __init__(self, block: Block, num_heads: int, adapter_ratio: float = 0.25):
         super().__init__()
         if block.window_size != 0:
-            raise Sam3DError("SamusBlock adapts SAM's global-attention blocks only")
+            raise ValueError("SamusBlock adapts SAM's global-attention blocks only")
         dim = block.norm1.normalized_shape[0]
         self.norm1, self.attn, self.norm2, self.mlp = (
             block.norm1,
@@ -193,6 +194,12 @@ class SamusImageEncoder(nn.Module):
         super().__init__()
         if image_size % PATCH_STRIDE:
             raise Sam3DError(f"SAMUS image_size must be a multiple of 8, got {image_size}")
+        grid, ratio = image_size // PATCH_STRIDE, SAM_GRID // max(1, image_size // PATCH_STRIDE)
+        if SAM_GRID % grid or ratio & (ratio - 1):
+            raise Sam3DError(
+                f"SAMUS image_size {image_size}: its {grid} x {grid} position grid cannot be "
+                f"pooled from SAM's {SAM_GRID} x {SAM_GRID} (use 512, 256, 128 or 64)"
+            )
         self.img_size = int(image_size)
         self.grid = self.img_size // PATCH_STRIDE
         dim = encoder.patch_embed.proj.out_channels
@@ -202,7 +209,7 @@ class SamusImageEncoder(nn.Module):
             encoder.neck,
         )
         if self.pos_embed is None or self.pos_embed.shape[1] != SAM_GRID:
-            raise Sam3DError("SAMUS starts from a SAM encoder built at its 1024 input")
+            raise ValueError("SAMUS starts from a SAM encoder built at its 1024 input")
         self.input_adapter = FeatureAdapter(dim, adapter_ratio, skip=True)
         self.pos_adapter = PositionAdapter(dim, SAM_GRID, self.grid)
         stages = int(math.log2(PATCH_STRIDE))
@@ -249,14 +256,22 @@ class Samus(nn.Module):
         image_size: SAMUS's square input side ``S`` (256 in the seed).
         adapter_ratio: bottleneck of the feature adapters (``C/4``).
         cnn_width: channels of the CNN branch's first block (64).
+        config: what the registry rebuilds it from (:func:`build_samus` sets it), kept as
+            ``self.config``.
     """
 
     def __init__(
-        self, sam: Sam, image_size: int = 256, adapter_ratio: float = 0.25, cnn_width: int = 64
+        self,
+        sam: Sam,
+        image_size: int = 256,
+        adapter_ratio: float = 0.25,
+        cnn_width: int = 64,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.config = dict(config) if config is not None else None
         if not isinstance(sam, Sam):
-            raise Sam3DError(f"Samus wraps a segment_anything Sam, got {type(sam).__name__}")
+            raise TypeError(f"Samus wraps a segment_anything Sam, got {type(sam).__name__}")
         state = sam.state_dict()
         heads = sam.image_encoder.blocks[0].attn.num_heads
         sam.image_encoder = SamusImageEncoder(
@@ -295,7 +310,7 @@ class Samus(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``B x C x H x W`` in [0, 1] (C = 1 or 3) -> ``B x 3 x S x S`` (bilinear resize)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise Sam3DError(
+            raise ValueError(
                 f"expected images B x 1 x H x W (or B x 3 x H x W), got {tuple(images.shape)}"
             )
         x = images.float()
@@ -376,11 +391,11 @@ class Samus(nn.Module):
             low_res = self.decode(emb, None, None)
         else:
             if point_labels is None:
-                raise Sam3DError("points need point_labels (1 positive, 0 negative, -1 padding)")
+                raise ValueError("points need point_labels (1 positive, 0 negative, -1 padding)")
             if points.ndim == 3:
                 points, point_labels = points[:, None], point_labels[:, None]
             if points.ndim != 4 or points.shape[-1] != 2 or point_labels.shape != points.shape[:-1]:
-                raise Sam3DError(
+                raise ValueError(
                     f"points must be B x K x N x 2 with labels B x K x N, got "
                     f"{tuple(points.shape)} and {tuple(point_labels.shape)}"
                 )
@@ -389,8 +404,14 @@ class Samus(nn.Module):
         # float32 logits at native size, also under bf16 autocast
         return F.interpolate(low_res.float(), size=hw, mode="bilinear", align_corners=False)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: the adapted ``image_encoder``'s trainable parts (prompt
+        encoder and mask decoder are frozen)."""
+        return parameter_groups(
+            image_encoder=self.sam.image_encoder,
+            prompt_encoder=self.sam.prompt_encoder,
+            mask_decoder=self.sam.mask_decoder,
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         """``total``, ``trainable`` and the SAMUS parts (``cnn_branch``, ``pos_adapter``, ...)."""
@@ -436,17 +457,13 @@ def build_samus(
         "adapter_ratio": float(adapter_ratio),
         "cnn_width": int(cnn_width),
     }
-    model = Samus(
-        build_sam(sam, sam_checkpoint, 1024), int(image_size), float(adapter_ratio), int(cnn_width)
-    )
-    model.config = config
-    return model
+    sam_model = build_sam(sam, sam_checkpoint, 1024)
+    return Samus(sam_model, int(image_size), float(adapter_ratio), int(cnn_width), config=config)
 
 
-def samus_config(preset: str | os.PathLike = "vit_b") -> dict:
-    """The :func:`build_samus` keyword arguments of a ``configs/samus/`` preset (name / path)."""
-    from sam3d.presets import read_preset
+def samus_config(preset: str | os.PathLike = "vit_b") -> dict[str, Any]:
+    """The :func:`build_samus` keyword arguments of a ``configs/samus/`` preset (name / path):
+    :func:`sam3d.models.registry.model_preset`, the one reader."""
+    from sam3d.models.registry import model_preset
 
-    spec = read_preset("samus", preset)
-    keys = ("sam", "image_size", "adapter_ratio", "cnn_width")
-    return {k: spec[k] for k in keys if k in spec}
+    return model_preset("samus", preset)

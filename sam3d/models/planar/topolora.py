@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,11 @@ from segment_anything.modeling import (
     Sam,
 )
 from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from sam3d.errors import Sam3DError
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.sam.build import build_sam
 from sam3d.models.sam.lora import count_lora_parameters, inject_lora, lora_parameters
 from sam3d.models.sam.memory import use_block_checkpointing, use_fused_attention
@@ -78,6 +81,8 @@ class TopoLoRASam(nn.Module):
         fused_attention: compute encoder attention with fused SDPA (same function).
         checkpoint_encoder: activation checkpointing of every encoder block while training.
         train_prompt_encoder: also train the prompt encoder (frozen in the reference).
+        config: what the registry rebuilds it from (:func:`build_topolora_sam` sets it;
+            None for a model around a ``Sam`` passed in), kept as ``self.config``.
     """
 
     def __init__(
@@ -92,8 +97,10 @@ class TopoLoRASam(nn.Module):
         fused_attention: bool = False,
         checkpoint_encoder: bool = False,
         train_prompt_encoder: bool = False,
+        config: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.config = dict(config) if config is not None else None
         if not isinstance(sam, Sam):
             raise Sam3DError(f"TopoLoRASam wraps a segment_anything Sam, got {type(sam).__name__}")
         self.sam = sam
@@ -126,8 +133,7 @@ class TopoLoRASam(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise Sam3DError(f"expected images B x 3 x H x W, got {tuple(images.shape)}")
         h, w = images.shape[-2:]
-        scale = self.img_size / max(h, w)
-        size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        size = ResizeLongestSide.get_preprocess_shape(int(h), int(w), self.img_size)
         if size != (h, w):
             images = F.interpolate(
                 images.float(), size, mode="bilinear", align_corners=False, antialias=True
@@ -168,17 +174,14 @@ class TopoLoRASam(nn.Module):
         # float32 logits at native size, also under bf16 autocast (losses, calibration)
         return self.sam.postprocess_masks(low_res.float(), input_size, (h, w))
 
-    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The trainable groups: ``lora``, ``adapter``, ``decoder`` (+ ``prompt_encoder``)."""
-        groups = {
-            "lora": list(lora_parameters(self.sam.image_encoder)),
-            "adapter": list(self.adapter.parameters()),
-            "decoder": list(self.sam.mask_decoder.parameters()),
-        }
-        prompt = [p for p in self.sam.prompt_encoder.parameters() if p.requires_grad]
-        if prompt:
-            groups["prompt_encoder"] = prompt
-        return groups
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: ``lora``, ``adapter``, ``decoder`` (+ ``prompt_encoder``)."""
+        return parameter_groups(
+            lora=lora_parameters(self.sam.image_encoder),
+            adapter=self.adapter,
+            decoder=self.sam.mask_decoder,
+            prompt_encoder=self.sam.prompt_encoder,
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         """``total``, ``trainable`` and per-part counts (``lora``, ``adapter``, ``decoder``)."""
@@ -208,6 +211,4 @@ def build_topolora_sam(
         sam = build_sam(sam, sam_checkpoint, image_size)
     elif sam_checkpoint is not None:
         raise Sam3DError("pass either a built Sam or a sam_checkpoint, not both")
-    model = TopoLoRASam(sam, **kwargs)
-    model.config = config  # what the registry rebuilds it from (None: a Sam passed in)
-    return model
+    return TopoLoRASam(sam, **kwargs, config=config)

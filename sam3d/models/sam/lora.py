@@ -33,7 +33,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
-            raise Sam3DError(f"LoRA rank must be a positive integer, got {rank}")
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)

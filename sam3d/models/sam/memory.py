@@ -8,10 +8,11 @@ Two independent options fix that without copying segment_anything:
 
 - :class:`FusedRelPosAttention` computes the same attention with
   ``F.scaled_dot_product_attention``. The decomposed rel-pos term
-  ``q_i . Rh[h_i, h_j] + q_i . Rw[w_i, w_j]`` is a dot product of an augmented query
-  ``[q_i * scale, q_i . Rh[h_i, :], q_i . Rw[w_i, :]]`` with an augmented key
-  ``[k_j, onehot(h_j), onehot(w_j)]``, so no ``N x N`` tensor is ever materialised
-  and the fused (flash / memory-efficient) kernels apply.
+  ``q_i . Rh[h_i, h_j] + q_i . Rw[w_i, w_j]`` is the folded bias of
+  :func:`sam3d.models.attention.attend_with_bias`: extra query channels
+  ``[q_i . Rh[h_i, :], q_i . Rw[w_i, :]]`` against key channels
+  ``[onehot(h_j), onehot(w_j)]``, so no ``N x N`` tensor is ever materialised and the
+  fused (flash / memory-efficient) kernels apply.
 - :class:`CheckpointedBlock` runs a ViT ``Block`` under activation checkpointing
   (``torch.utils.checkpoint``, non-reentrant): only block inputs are kept.
 
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from sam3d.models.attention import attend, attend_with_bias
 
 
 class FusedRelPosAttention(nn.Module):
@@ -54,7 +57,7 @@ class FusedRelPosAttention(nn.Module):
         )
         head_dim = q.shape[-1]
         if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attend(q, k, v)
         else:
             Rh = get_rel_pos(H, H, self.rel_pos_h).to(q.dtype)  # H x H x head_dim
             Rw = get_rel_pos(W, W, self.rel_pos_w).to(q.dtype)  # W x W x head_dim
@@ -64,15 +67,9 @@ class FusedRelPosAttention(nn.Module):
             rows = torch.arange(H, device=x.device).repeat_interleave(W)
             cols = torch.arange(W, device=x.device).repeat(H)
             onehot = torch.cat([F.one_hot(rows, H), F.one_hot(cols, W)], dim=-1).to(q.dtype)
-            width = head_dim + H + W
-            pad = -width % 8  # fused kernels want head dims that are multiples of 8
-            q_aug = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
-            k_aug = torch.cat([k, onehot.expand(B, self.num_heads, H * W, H + W)], dim=-1)
-            # equal q/k/v widths keep the flash kernel eligible; the padding is zeros
-            q_aug = F.pad(q_aug, (0, pad))
-            k_aug = F.pad(k_aug, (0, pad))
-            v_aug = F.pad(v, (0, width + pad - head_dim))
-            out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., :head_dim]
+            q_extra = torch.cat([rel_h, rel_w], dim=-1)
+            k_extra = onehot.expand(B, self.num_heads, H * W, H + W)
+            out = attend_with_bias(q, k, v, q_extra, k_extra, self.scale)
         out = out.reshape(B, self.num_heads, H, W, head_dim).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(B, H, W, -1))
 

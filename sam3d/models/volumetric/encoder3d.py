@@ -18,8 +18,7 @@ cheaper in two places, each with a ``reference`` switch that runs the anchor's f
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,9 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sam3d.models.attention import attend, attend_with_bias
+from sam3d.models.sam.checkpoint import LoadReport
+from sam3d.models.volumetric.backbone import VolumeEncoder
 from sam3d.models.volumetric.blocks import (
     Adapter3d,
     LayerNorm3d,
@@ -226,49 +228,44 @@ class WindowAttention3D(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bw, n, nh * hd))
 
     def _attend_fused(self, q, k, v, rel_h, rel_w, rel_d, regions, pad) -> torch.Tensor:
+        """The same attention with the bias and masks folded into q / k
+        (:func:`sam3d.models.attention.attend_with_bias`)."""
         bw, nh, n, hd = q.shape
         ws = self.window_size
         axis = torch.arange(n, device=q.device)
         key_pos = torch.stack([axis // (ws * ws), (axis // ws) % ws, axis % ws], dim=-1)
         onehot = F.one_hot(key_pos, ws).to(q.dtype).flatten(-2)  # n x 3ws
-        q_extra = [torch.cat([rel_h, rel_w, rel_d], dim=-1) / self.scale]
+        q_extra = [torch.cat([rel_h, rel_w, rel_d], dim=-1)]
         k_extra = [onehot.expand(bw, nh, n, 3 * ws)]
         if regions is not None:
             # +100 per axis whose region matches: equal, up to a per-query constant that
             # softmax ignores, to the anchor's -100 for a token of another region.
             reg = F.one_hot(regions, 3).to(q.dtype).flatten(-2)[:, None].expand(bw, nh, n, 9)
-            q_extra.append(reg * (MASK_PENALTY / self.scale))
+            q_extra.append(reg * MASK_PENALTY)
             k_extra.append(reg)
         if pad is not None:
-            q_extra.append(q.new_full((bw, nh, n, 1), -MASK_PENALTY / self.scale))
+            q_extra.append(q.new_full((bw, nh, n, 1), -MASK_PENALTY))
             k_extra.append(pad.to(q.dtype)[:, None, :, None].expand(bw, nh, n, 1))
-        qa = torch.cat([q, *q_extra], dim=-1)
-        ka = torch.cat([k, *k_extra], dim=-1)
-        width = 8 * math.ceil(qa.shape[-1] / 8)  # fused kernels want multiples of 8
-        qa = F.pad(qa, (0, width - qa.shape[-1]))
-        ka = F.pad(ka, (0, width - ka.shape[-1]))
-        va = F.pad(v, (0, width - hd))
-        out = F.scaled_dot_product_attention(qa, ka, va, scale=self.scale)
-        return out[..., :hd]
+        return attend_with_bias(
+            q, k, v, torch.cat(q_extra, dim=-1), torch.cat(k_extra, dim=-1), self.scale
+        )
 
     def _attend_reference(self, q, k, v, rel_h, rel_w, rel_d, regions, pad) -> torch.Tensor:
         """The anchor's explicit attention: full ``n x n`` logits plus bias and mask."""
         bw, nh, n, _ = q.shape
         ws = self.window_size
-        attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = (
             rel_h.view(bw, nh, n, ws, 1, 1)
             + rel_w.view(bw, nh, n, 1, ws, 1)
             + rel_d.view(bw, nh, n, 1, 1, ws)
-        )
-        attn = attn + bias.reshape(bw, nh, n, n)
+        ).reshape(bw, nh, n, n)
         if regions is not None:
             rid = regions[..., 0] * 9 + regions[..., 1] * 3 + regions[..., 2]
             differ = rid[:, :, None] != rid[:, None, :]
-            attn = attn - MASK_PENALTY * differ[:, None].to(attn.dtype)
+            bias = bias - MASK_PENALTY * differ[:, None].to(bias.dtype)
         if pad is not None:
-            attn = attn - MASK_PENALTY * pad[:, None, None, :].to(attn.dtype)
-        return attn.softmax(dim=-1) @ v
+            bias = bias - MASK_PENALTY * pad[:, None, None, :].to(bias.dtype)
+        return attend(q, k, v, mask=bias, scale=self.scale, reference=True)
 
 
 class Block3D(nn.Module):
@@ -323,13 +320,15 @@ SAM_FROZEN_SUFFIXES = (
 SAM_FROZEN_NAMES = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")
 
 
-class ImageEncoder3D(nn.Module):
+class ImageEncoder3D(VolumeEncoder):
     """SAM ViT in 3D: ``B x 1 x H x W x D`` crop -> neck maps ``B x neck_dim x H/4 x W/4 x D/4``.
 
     Args:
-        embed_dim, depth, num_heads, global_attn_indexes, sam_window_size, sam_img_size,
-        patch_size: the SAM encoder the weights come from (global blocks only differ in the
-            size of their relative-position tables; every block here uses 3D windows).
+        embed_dim, depth, num_heads, global_attn_indexes: the SAM ViT's shape (from
+            ``configs/sam``, no default here).
+        sam_window_size, sam_img_size, patch_size: the SAM encoder the weights come from
+            (global blocks only differ in the size of their relative-position tables;
+            every block here uses 3D windows).
         upsample: the anchor's in-plane/depth upsampling factor (a token covers
             ``patch_size / upsample`` voxels per axis).
         crop_size: the crop the depth embedding and pooled position grid are built for.
@@ -345,10 +344,11 @@ class ImageEncoder3D(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        *,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        global_attn_indexes: Sequence[int],
         sam_window_size: int = 14,
         sam_img_size: int = 1024,
         patch_size: int = 16,
@@ -389,9 +389,20 @@ class ImageEncoder3D(nn.Module):
         if any(not 1 <= i <= depth for i in self.neck_blocks):
             raise ValueError(f"neck_blocks {self.neck_blocks} must lie in 1..{depth}")
         self.necks = nn.ModuleList(_neck(embed_dim, neck_dim) for _ in self.neck_blocks)
+        self.out_channels = int(neck_dim)
+        self.num_levels = len(self.neck_blocks)
         self.use_checkpoint = use_checkpoint
         if freeze_sam:
             self.freeze_sam_weights()
+
+    def load_pretrained(self, state: Mapping[str, torch.Tensor]) -> LoadReport:
+        """SAM's image-encoder weights in (:func:`.mapping.map_sam_to_encoder3d`)."""
+        from sam3d.models.volumetric.mapping import map_sam_to_encoder3d
+
+        return map_sam_to_encoder3d(dict(state), self)
+
+    def freeze_pretrained(self) -> None:
+        self.freeze_sam_weights()
 
     def freeze_sam_weights(self) -> None:
         """Freeze SAM's weights; every other parameter trains (the anchor's recipe)."""

@@ -1,4 +1,9 @@
-"""Map an official SAM checkpoint's 2D image-encoder weights into the 3D encoder of Sam3D."""
+"""Map an official SAM checkpoint's 2D image-encoder weights into the 3D encoder of Sam3D.
+
+:func:`map_sam_to_encoder3d` is :meth:`ImageEncoder3D.load_pretrained
+<sam3d.models.volumetric.encoder3d.ImageEncoder3D.load_pretrained>` (the encoder seam's
+checkpoint mapping); :func:`map_sam_to_sam3d` runs it for a whole Sam3D.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,25 @@ from sam3d.models.sam.checkpoint import LoadReport, check_encoder_shape
 
 
 def map_sam_to_sam3d(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> LoadReport:
-    """Copy a SAM checkpoint's image-encoder weights into a :class:`~sam3d.models.Sam3D`.
+    """Copy a SAM checkpoint's image-encoder weights into a :class:`~sam3d.models.Sam3D`
+    through its encoder's ``load_pretrained``; ``new`` then lists every model parameter
+    left initialised (``encoder.*``, ``prompt_encoder.*``, ``decoder.*``)."""
+    report = model.encoder.load_pretrained(state_dict)
+    new_in_encoder = {"encoder." + n for n in report.new}
+    report.new = [
+        n
+        for n, _ in model.named_parameters()
+        if n in new_in_encoder or not n.startswith("encoder.")
+    ]
+    return report
 
-    The mapping, key by key (``image_encoder.X`` -> ``encoder.X``):
+
+def map_sam_to_encoder3d(
+    state_dict: dict[str, torch.Tensor], encoder: torch.nn.Module
+) -> LoadReport:
+    """Copy a SAM checkpoint's image-encoder weights into an ``ImageEncoder3D``.
+
+    The mapping, key by key (``image_encoder.X`` -> ``X``):
 
     - ``patch_embed.proj.{weight,bias}``: SAM's 2D patch conv, folded with the new depth
       conv into the 3D patch embedding at run time (kept at its 2D shape);
@@ -21,12 +42,13 @@ def map_sam_to_sam3d(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
       at run time);
     - ``blocks.i.attn.rel_pos_d`` (new) starts at the mean of ``rel_pos_h`` and ``rel_pos_w``.
 
-    SAM's 2D neck, prompt encoder and mask decoder are ignored. Everything else in the model
-    (adapters, depth conv, depth embedding, necks, prompt encoder, decoder) is new.
-    Raises :class:`Sam3DError` when the checkpoint's encoder does not fit the model.
+    SAM's 2D neck, prompt encoder and mask decoder are ignored. Everything else in the
+    encoder (adapters, depth conv, depth embedding, necks) is new (``report.new``, names
+    relative to the encoder). Raises :class:`Sam3DError` when the checkpoint's encoder does
+    not fit.
     """
-    params = dict(model.named_parameters())
-    enc = model.encoder
+    params = dict(encoder.named_parameters())
+    enc = encoder
     check_encoder_shape(
         state_dict,
         embed_dim=enc.pos_embed.shape[-1],
@@ -36,9 +58,7 @@ def map_sam_to_sam3d(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
     report = LoadReport()
     targets: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        name = (
-            "encoder." + key[len("image_encoder.") :] if key.startswith("image_encoder.") else None
-        )
+        name = key[len("image_encoder.") :] if key.startswith("image_encoder.") else None
         if name is None or name not in params:
             report.ignored.append(key)
             continue
@@ -50,10 +70,10 @@ def map_sam_to_sam3d(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         targets[name] = value
         report.used.append(key)
     for i in range(len(enc.blocks)):
-        h = targets.get(f"encoder.blocks.{i}.attn.rel_pos_h")
-        w = targets.get(f"encoder.blocks.{i}.attn.rel_pos_w")
+        h = targets.get(f"blocks.{i}.attn.rel_pos_h")
+        w = targets.get(f"blocks.{i}.attn.rel_pos_w")
         if h is not None and w is not None:
-            targets[f"encoder.blocks.{i}.attn.rel_pos_d"] = 0.5 * (h + w)
+            targets[f"blocks.{i}.attn.rel_pos_d"] = 0.5 * (h + w)
     with torch.no_grad():
         for name, value in targets.items():
             params[name].copy_(value.to(params[name].dtype))

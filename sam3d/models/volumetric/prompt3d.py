@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
+from sam3d.models.attention import attend, merge_heads, split_heads
+
 PAD_LABEL = -1
 
 
@@ -35,22 +37,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, internal)
         self.out_proj = nn.Linear(internal, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``B x Nq x dim``, ``B x Nk x dim``, ``B x Nk x dim`` -> ``B x Nq x dim``."""
+        h = self.num_heads
         q, k, v = (
-            self._heads(self.q_proj(q)),
-            self._heads(self.k_proj(k)),
-            self._heads(self.v_proj(v)),
+            split_heads(self.q_proj(q), h),
+            split_heads(self.k_proj(k), h),
+            split_heads(self.v_proj(v), h),
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        b, h, n, c = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+        return self.out_proj(merge_heads(attend(q, k, v, mask=mask)))
 
 
 class PromptBlock(nn.Module):

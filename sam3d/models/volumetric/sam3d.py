@@ -19,25 +19,32 @@ from torch import nn
 
 from sam3d.errors import Sam3DError
 from sam3d.models.checkpoint import load_trained, save_trained
+from sam3d.models.protocol import parameter_groups
+from sam3d.models.registry import get_kind, model_preset
 from sam3d.models.sam.build import sam_preset
+from sam3d.models.volumetric.backbone import VolumeEncoder
 from sam3d.models.volumetric.decoder3d import MLADecoder3D
 from sam3d.models.volumetric.encoder3d import ImageEncoder3D
 from sam3d.models.volumetric.mask_prompt3d import MaskPrompt3D
 from sam3d.models.volumetric.prompt3d import PromptEncoder3D
-from sam3d.presets import CONFIG_DIR, preset_names, read_preset
+from sam3d.presets import CONFIG_DIR, preset_names
 
 logger = logging.getLogger(__name__)
 
-PRESET_DIR = CONFIG_DIR / "model"
+PRESET_DIR = CONFIG_DIR / get_kind("sam3d").presets
 
-# Every key a preset may set, with the vit_b value as default.
-PRESET_DEFAULTS: dict[str, Any] = {
+# The encoder's shape: from the SAM preset named by ``sam`` (configs/sam/, the one place
+# ViT shapes are written) unless a preset sets it itself.
+SHAPE_FROM_SAM = {
+    "embed_dim": "encoder_embed_dim",
+    "depth": "encoder_depth",
+    "num_heads": "encoder_num_heads",
+    "global_attn_indexes": "encoder_global_attn_indexes",
+}
+# Every other key a preset may set, with its default.
+PRESET_OPTIONS: dict[str, Any] = {
     "name": "custom",
     "sam": "vit_b",  # the SAM preset (configs/sam/) whose encoder shape the 3D encoder takes
-    "embed_dim": 768,
-    "depth": 12,
-    "num_heads": 12,
-    "global_attn_indexes": [2, 5, 8, 11],
     "sam_window_size": 14,
     "sam_img_size": 1024,
     "patch_size": 16,
@@ -92,7 +99,10 @@ class Sam3DFeatures:
 
 
 class Sam3D(nn.Module):
-    """Promptable 3D segmentation: 3D SAM encoder, visual-sampler prompts, MLA decoder.
+    """Promptable 3D segmentation: a 3D encoder, visual-sampler prompts, MLA decoder.
+
+    The encoder is any :class:`~sam3d.models.volumetric.backbone.VolumeEncoder` (SAM's 3D
+    ViT, :class:`ImageEncoder3D`, from :func:`build_sam3d`).
 
     Inputs are crops ``B x 1 x H x W x D`` (sides multiples of 4; the model is built for
     ``crop_size``), already windowed and z-scored; clicks are voxel coordinates (i, j, k) in
@@ -105,10 +115,14 @@ class Sam3D(nn.Module):
         prompt_encoder: PromptEncoder3D,
         decoder: MLADecoder3D,
         crop_size: int,
-        preset: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
         mask_prompt: MaskPrompt3D | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(encoder, VolumeEncoder):
+            raise TypeError(
+                f"Sam3D's encoder must be a VolumeEncoder, got {type(encoder).__name__}"
+            )
         self.encoder = encoder
         self.prompt_encoder = prompt_encoder
         self.decoder = decoder
@@ -118,10 +132,14 @@ class Sam3D(nn.Module):
         self.optional_state_prefixes = ("mask_prompt.",) if mask_prompt is not None else ()
         self.register_load_state_dict_post_hook(_allow_missing_mask_prompt)
         self.crop_size = int(crop_size)
-        self.preset = dict(preset or {})
-        self.config = self.preset  # what the registry rebuilds it from
+        self.config = dict(config) if config is not None else None  # what it is rebuilt from
         self.load_report = None
-        self.sam_frozen = False  # whether SAM's weights are frozen (see build_sam3d)
+        self.sam_frozen = False  # whether the encoder's pre-trained weights are frozen
+
+    @property
+    def preset(self) -> dict[str, Any]:
+        """The older name of :attr:`config` (read-only)."""
+        return self.config or {}
 
     @property
     def voxels_per_token(self) -> int:
@@ -186,6 +204,12 @@ class Sam3D(nn.Module):
         ``B x classes x H x W x D``."""
         return self.decode(self.encode(images), points, point_labels, mask_prompt)
 
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: ``encoder``, ``prompt_encoder``, ``decoder`` (trainable only)."""
+        return parameter_groups(
+            encoder=self.encoder, prompt_encoder=self.prompt_encoder, decoder=self.decoder
+        )
+
     def set_reference(self, enabled: bool = True) -> Sam3D:
         """Switch to the anchor's slow formulation (512^3 upsample, explicit attention)."""
         self.encoder.set_reference(enabled)
@@ -220,7 +244,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def available_presets() -> list[str]:
     """Names of the presets in ``configs/model/``."""
-    return preset_names("model")
+    return preset_names(get_kind("sam3d").presets)
 
 
 def resolve_preset(preset: str | os.PathLike | dict[str, Any], **overrides) -> dict[str, Any]:
@@ -229,19 +253,15 @@ def resolve_preset(preset: str | os.PathLike | dict[str, Any], **overrides) -> d
     The encoder's width, depth, heads and global blocks come from the SAM preset named
     by ``sam`` (``configs/sam/``) unless the preset sets them itself.
     """
-    cfg = dict(preset) if isinstance(preset, dict) else read_preset("model", preset)
+    cfg = dict(preset) if isinstance(preset, dict) else model_preset("sam3d", preset)
     cfg.update(overrides)
-    unknown = sorted(set(cfg) - set(PRESET_DEFAULTS))
+    unknown = sorted(set(cfg) - set(PRESET_OPTIONS) - set(SHAPE_FROM_SAM))
     if unknown:
         raise Sam3DError(f"unknown model option(s) {', '.join(unknown)}")
-    shape = sam_preset(cfg.get("sam", PRESET_DEFAULTS["sam"]))
-    from_sam = {
-        "embed_dim": shape["encoder_embed_dim"],
-        "depth": shape["encoder_depth"],
-        "num_heads": shape["encoder_num_heads"],
-        "global_attn_indexes": list(shape["encoder_global_attn_indexes"]),
-    }
-    return {**PRESET_DEFAULTS, **from_sam, **cfg}
+    shape = sam_preset(cfg.get("sam", PRESET_OPTIONS["sam"]))
+    from_sam = {key: shape[sam_key] for key, sam_key in SHAPE_FROM_SAM.items()}
+    from_sam["global_attn_indexes"] = list(from_sam["global_attn_indexes"])
+    return {**PRESET_OPTIONS, **from_sam, **cfg}
 
 
 def build_sam3d(
@@ -257,7 +277,10 @@ def build_sam3d(
             image-encoder weights are mapped into the 3D encoder; None: random init.
         overrides: preset keys to change (e.g. ``use_checkpoint=True``).
 
-    The mapping's :class:`~sam3d.models.sam.checkpoint.LoadReport` is kept as ``model.load_report``.
+    The encoder is built as a :class:`~sam3d.models.volumetric.backbone.VolumeEncoder`
+    (:class:`ImageEncoder3D`) and the checkpoint goes through that interface
+    (``read_pretrained``, ``load_pretrained``, ``freeze_pretrained``); the mapping's
+    :class:`~sam3d.models.sam.checkpoint.LoadReport` is kept as ``model.load_report``.
 
     What trains: with ``freeze_sam="auto"`` (the presets' default) SAM's weights (patch
     conv, position, attention, MLP) are frozen only when they were loaded from
@@ -267,7 +290,49 @@ def build_sam3d(
     """
     cfg = resolve_preset(preset, **overrides)
     freeze = resolve_freeze(cfg["freeze_sam"], loaded=sam_checkpoint is not None)
-    encoder = ImageEncoder3D(
+    encoder = sam_encoder3d(cfg)
+    prompt_encoder = PromptEncoder3D(
+        dim=encoder.out_channels,
+        depth=cfg["prompt_depth"],
+        num_heads=cfg["prompt_heads"],
+        mlp_dim=cfg["prompt_mlp_dim"],
+        num_queries=cfg["num_global_queries"],
+    )
+    decoder = MLADecoder3D(
+        in_dim=encoder.out_channels,
+        dim=cfg["decoder_dim"],
+        num_classes=cfg["num_classes"],
+        num_levels=encoder.num_levels,
+    )
+    mask_prompt = None
+    if cfg["mask_prompt"]:
+        mask_prompt = MaskPrompt3D(
+            encoder.out_channels, cfg["decoder_dim"], encoder.voxels_per_token
+        )
+    model = Sam3D(
+        encoder, prompt_encoder, decoder, cfg["crop_size"], config=cfg, mask_prompt=mask_prompt
+    )
+    if sam_checkpoint is not None:
+        from sam3d.models.volumetric.mapping import map_sam_to_sam3d
+
+        report = map_sam_to_sam3d(encoder.read_pretrained(sam_checkpoint), model)
+        report.sam_frozen = freeze
+        logger.info("SAM weights from %s: %s", sam_checkpoint, report.summary())
+        model.load_report = report
+    if freeze:
+        model.encoder.freeze_pretrained()
+    model.sam_frozen = freeze
+    if sam_checkpoint is None:
+        logger.info(
+            "SAM weights: random initialisation (no sam_checkpoint); SAM-derived weights %s "
+            "(freeze_sam=%s)", "frozen" if freeze else "trainable", cfg["freeze_sam"],
+        )  # fmt: skip
+    return model
+
+
+def sam_encoder3d(cfg: dict[str, Any]) -> ImageEncoder3D:
+    """SAM's 3D-adapted ViT of a resolved Sam3D preset (:func:`resolve_preset`), unfrozen."""
+    return ImageEncoder3D(
         embed_dim=cfg["embed_dim"],
         depth=cfg["depth"],
         num_heads=cfg["num_heads"],
@@ -285,40 +350,6 @@ def build_sam3d(
         use_checkpoint=cfg["use_checkpoint"],
         freeze_sam=False,
     )
-    prompt_encoder = PromptEncoder3D(
-        dim=cfg["neck_dim"],
-        depth=cfg["prompt_depth"],
-        num_heads=cfg["prompt_heads"],
-        mlp_dim=cfg["prompt_mlp_dim"],
-        num_queries=cfg["num_global_queries"],
-    )
-    decoder = MLADecoder3D(
-        in_dim=cfg["neck_dim"],
-        dim=cfg["decoder_dim"],
-        num_classes=cfg["num_classes"],
-        num_levels=len(cfg["neck_blocks"]),
-    )
-    mask_prompt = None
-    if cfg["mask_prompt"]:
-        mask_prompt = MaskPrompt3D(cfg["neck_dim"], cfg["decoder_dim"], encoder.voxels_per_token)
-    model = Sam3D(encoder, prompt_encoder, decoder, cfg["crop_size"], cfg, mask_prompt)
-    if sam_checkpoint is not None:
-        from sam3d.models.sam.checkpoint import load_sam_state_dict
-        from sam3d.models.volumetric.mapping import map_sam_to_sam3d
-
-        report = map_sam_to_sam3d(load_sam_state_dict(sam_checkpoint), model)
-        report.sam_frozen = freeze
-        logger.info("SAM weights from %s: %s", sam_checkpoint, report.summary())
-        model.load_report = report
-    if freeze:
-        model.encoder.freeze_sam_weights()
-    model.sam_frozen = freeze
-    if sam_checkpoint is None:
-        logger.info(
-            "SAM weights: random initialisation (no sam_checkpoint); SAM-derived weights %s "
-            "(freeze_sam=%s)", "frozen" if freeze else "trainable", cfg["freeze_sam"],
-        )  # fmt: skip
-    return model
 
 
 def resolve_freeze(freeze_sam: bool | str, loaded: bool) -> bool:
@@ -334,7 +365,7 @@ def save_sam3d_checkpoint(
     model: Sam3D, path: str | os.PathLike, meta: dict[str, Any] | None = None, **extra: Any
 ) -> Path:
     """Write the trained-checkpoint format (:func:`sam3d.models.checkpoint.save_trained`)."""
-    return save_trained(path, model, dict(model.preset), meta, "sam3d", **extra)
+    return save_trained(path, model, dict(model.config or {}), meta, "sam3d", **extra)
 
 
 def load_sam3d_checkpoint(
