@@ -114,7 +114,11 @@ def _config_chain(key: str, **overrides):
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "kits" / "train.json"))
-    parser.update({"preset": "tiny", "seed": 0, "n_pos_clicks": 5, "n_neg_clicks": 7, **overrides})
+    # the chains read the datalists (instance maps or not): give them no data folder
+    no_data = {"train#dataset#data": [], "validate#dataset#data": []}
+    parser.update(
+        {"preset": "tiny", "seed": 0, "n_pos_clicks": 5, "n_neg_clicks": 7, **no_data, **overrides}
+    )
     return parser.get_parsed_content(key)
 
 
@@ -135,7 +139,10 @@ def test_bundle_config_chains_apply_the_bundles_settings(case):
     assert set(torch.unique(lab).tolist()) == {0.0, 1.0}
     i, j, k = val["points"][0].long().tolist()
     assert val["point_labels"].tolist() == [1] and lab[0, i, j, k] == 1
-    train = _config_chain("train#preprocessing", spacing_mm=2.0)
+    # the reference recipe (3DSAM-adapter's random clicks): 5 + 7 click slots per crop
+    train = _config_chain(
+        "train#preprocessing", spacing_mm=2.0, click_training="reference", samples_per_volume=1
+    )
     train.set_random_state(seed=11)
     for _ in range(2):
         (a,) = train(case)
@@ -147,9 +154,20 @@ def test_bundle_config_chains_apply_the_bundles_settings(case):
         idx = pts.long()
         at = a["label"][0, idx[:, 0], idx[:, 1], idx[:, 2]]
         assert torch.all(at[labels == 1] == 1) and torch.all(at[labels == 0] == 0)
-    # by default the dataset preset's 1 mm grid
-    assert _config_chain("dataset_info")["spacing_mm"] == [1.0, 1.0, 1.0]
-    one_mm = _config_chain("validate#preprocessing")(case)
+    # the default (interactive): 3 crops per volume here, each with one positive click on the
+    # lesion, the simulated rounds add the rest
+    train = _config_chain("train#preprocessing", spacing_mm=2.0, samples_per_volume=3)
+    train.set_random_state(seed=11)
+    crops = train(case)
+    assert len(crops) == 3
+    for a in crops:
+        assert a["image"].shape == (1, 32, 32, 32)
+        (i, j, k), label = a["points"][0].long().tolist(), a["point_labels"][0]
+        assert label == 1 and a["label"][0, i, j, k] == 1
+    # by default (on CUDA) the dataset preset's 1 mm grid; the CPU default is 1.5 mm
+    one_mm_cfg = {"spacing_mm": None}
+    assert _config_chain("dataset_info", **one_mm_cfg)["spacing_mm"] == [1.0, 1.0, 1.0]
+    one_mm = _config_chain("validate#preprocessing", **one_mm_cfg)(case)
     assert np.allclose(np.linalg.norm(one_mm["image"].affine.numpy()[:3, :3], axis=0), 1.0)
 
 
@@ -164,7 +182,7 @@ def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
     assert parser.get("train#dataset#_target_") == "CacheDataset"
     assert parser.get("validate#dataset#_target_") == "CacheDataset"
     copy = {k: str(shutil.copy(v, tmp_path / f"{k}.nii.gz")) for k, v in case.items()}
-    chain = _config_chain("train#preprocessing", click_training="reference")
+    chain = _config_chain("train#preprocessing", click_training="reference", samples_per_volume=1)
     ds = CacheDataset([copy], transform=chain, progress=False)
     for path in copy.values():
         Path(path).unlink()  # a later epoch must not need the files
