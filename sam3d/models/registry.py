@@ -55,6 +55,16 @@ register_model(
 )
 register_model(
     ModelKind(
+        "sammed3d",
+        "volumetric",
+        "sam3d.models.volumetric.sammed3d.build:build_sammed3d",
+        "SamMed3D",
+        presets="sammed3d",
+        kwargs=False,
+    )
+)
+register_model(
+    ModelKind(
         "topolora",
         "planar",
         "sam3d.models.planar.topolora:build_topolora_sam",
