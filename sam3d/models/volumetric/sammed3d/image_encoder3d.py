@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam3d.models.volumetric.blocks import LayerNorm3d
-
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``B x X x Y x Z x C`` -> windows ``(B * n) x w x w x w x C`` and the padded sides.
@@ -40,6 +38,24 @@ def window_unpartition(
     x = windows.view(b, px // window, py // window, pz // window, window, window, window, -1)
     x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, px, py, pz, -1)
     return x[:, : size[0], : size[1], : size[2]].contiguous()
+
+
+def real_rows(
+    size: tuple[int, int, int], window: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """Flat in-window indices of the tokens that are real (not padding) in some window of a
+    grid ``size`` partitioned by :func:`window_partition`; None when all are.
+
+    Padded tokens are keys and values of the reference's attention, but their outputs are
+    cropped away, so only these queries need computing (the published 8^3 grid in one
+    14^3 window: 512 of 2744).
+    """
+    if all(s % window == 0 for s in size):
+        return None
+    ones = torch.ones(1, *size, 1, device=device)
+    windows, _ = window_partition(ones, window)
+    real = windows.reshape(windows.shape[0], -1).amax(0) > 0
+    return torch.nonzero(real).flatten()
 
 
 def relative_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
@@ -77,41 +93,53 @@ class Attention3D(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * size[1] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * size[2] - 1, head_dim))
 
-    def position_bias(self, q: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-        """``q`` ``(B*heads) x N x c`` -> additive bias ``(B*heads) x N x N`` (N = X*Y*Z).
+    def position_bias(
+        self, q: torch.Tensor, size: tuple[int, int, int], rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``q`` ``(B*heads) x N x c`` -> additive bias ``(B*heads) x R x N`` (N = X*Y*Z) for the
+        query tokens ``rows`` (flat indices, R of them; None: all N).
 
         The reference's bias, not MViTv2's: each axis's term ``R_a[q, k]`` (query token
         ``q = (x, y, z)``, relative index ``k`` along axis a) is added along the key's
-        *last* axis, and the y and z terms are taken at the query's z position moved onto
-        the key's first and second axes (SAM's 2D indexing ``rel[..., None]`` applied to 5D
-        tensors). Its trained weights expect exactly this, so we keep it; it needs a cubic
-        block (the reference's only case).
+        *last* axis, and the y and z terms are taken at the query's z position replaced by
+        the key's first and second coordinates (SAM's 2D indexing ``rel[..., None]`` applied
+        to 5D tensors). Its trained weights expect exactly this, so we keep it; it needs a
+        cubic block (the reference's only case).
         """
-        sx, sy, sz = size
-        if not sx == sy == sz:
+        s = size[0]
+        if not size[0] == size[1] == size[2]:
             raise ValueError(f"SAM-Med3D attention needs a cubic token block, got {size}")
-        r = q.reshape(q.shape[0], sx, sy, sz, -1)
-        bias_x = torch.einsum("bxyzc,xkc->bxyzk", r, relative_table(sx, sx, self.rel_pos_d))
-        bias_y = torch.einsum("bxyzc,ykc->bxyzk", r, relative_table(sy, sy, self.rel_pos_h))
-        bias_z = torch.einsum("bxyzc,zkc->bxyzk", r, relative_table(sz, sz, self.rel_pos_w))
-        # axes: b, qx, qy, qz, kx, ky, kz
+        n = s**3
+        if rows is None:
+            rows = torch.arange(n, device=q.device)
+        r = q.reshape(q.shape[0], s, s, s, -1)
+        bias_x = torch.einsum("bxyzc,xkc->bxyzk", r, relative_table(s, s, self.rel_pos_d))
+        bias_y = torch.einsum("bxyzc,ykc->bxyzk", r, relative_table(s, s, self.rel_pos_h))
+        bias_z = torch.einsum("bxyzc,zkc->bxyzk", r, relative_table(s, s, self.rel_pos_w))
+        column = rows // s  # the query's (x, y) as one index
+        bh = q.shape[0]
+        # axes: b, query row, kx, ky, kz
         bias = (
-            bias_x[:, :, :, :, None, None, :]
-            + bias_y[:, :, :, None, :, None, :]
-            + bias_z[:, :, :, None, None, :, :]
+            bias_x.reshape(bh, n, s)[:, rows, None, None, :]
+            + bias_y.reshape(bh, s * s, s, s)[:, column, :, None, :]
+            + bias_z.reshape(bh, s * s, s, s)[:, column, None, :, :]
         )
-        return bias.reshape(q.shape[0], sx * sy * sz, sx * sy * sz)
+        return bias.reshape(bh, len(rows), n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``B x X x Y x Z x C`` -> same shape."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``B x X x Y x Z x C`` -> same shape; with ``rows`` (flat token indices) only those
+        queries are computed and the other outputs are zeros (padding the caller drops)."""
         b, sx, sy, sz, c = x.shape
         n = sx * sy * sz
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
-        bias = self.position_bias(q, (sx, sy, sz))
-        out = F.scaled_dot_product_attention(
-            q[:, None], k[:, None], v[:, None], attn_mask=bias[:, None].to(q.dtype)
-        )[:, 0]
+        bias = self.position_bias(q, (sx, sy, sz), rows)
+        q_rows = q if rows is None else q[:, rows]
+        # written out as the reference does: SDPA's fused kernels round differently
+        attn = ((q_rows * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        out = attn @ v
+        if rows is not None:
+            out = out.new_zeros(q.shape).index_copy_(1, rows, out)
         out = out.view(b, self.num_heads, sx, sy, sz, -1).permute(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, sx, sy, sz, c))
 
@@ -147,11 +175,34 @@ class Block3D(nn.Module):
         if self.window > 0:
             size = tuple(x.shape[1:4])
             h, padded = window_partition(h, self.window)
-            h = window_unpartition(self.attn(h), self.window, padded, size)
+            h = self.attn(h, real_rows(size, self.window, x.device))
+            h = window_unpartition(h, self.window, padded, size)
         else:
             h = self.attn(h)
         x = x + h
         return x + self.mlp(self.norm2(x))
+
+
+class LayerNorm3d(nn.Module):
+    """LayerNorm over the channels of ``B x C x X x Y x Z``, in the reference's arithmetic.
+
+    :class:`sam3d.models.volumetric.blocks.LayerNorm3d` computes the same function through
+    ``F.layer_norm``; its rounding differs by ~1e-6, which the neck's 3^3 conv over 384
+    channels and the final norm amplify past 1e-5 at the published size, so SAM-Med3D's
+    modules use this one (same ``weight`` / ``bias`` keys).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
 
 
 class PatchEmbed3D(nn.Module):

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam3d.models.volumetric.blocks import LayerNorm3d
-from sam3d.models.volumetric.sammed3d.image_encoder3d import Mlp
+from sam3d.models.volumetric.sammed3d.image_encoder3d import LayerNorm3d, Mlp
 
 
 class MLP(nn.Module):

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from sam3d.models.volumetric.blocks import LayerNorm3d
+from sam3d.models.volumetric.sammed3d.image_encoder3d import LayerNorm3d
 
 
 class RandomPositionCode3D(nn.Module):
