@@ -89,14 +89,47 @@ def _check_intensity_fields(preset: Mapping[str, Any]) -> None:
 def load_model_for_inference(
     checkpoint: str | os.PathLike, device: str | torch.device | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A trained Sam3D checkpoint -> (model in eval mode on ``device``, meta with ``dataset``)."""
-    from sam3d.models import load_sam3d_checkpoint
+    """A trained checkpoint of a volumetric kind (Sam3D, SAM-Med3D), or an official SAM-Med3D
+    ``.pth`` -> (model in eval mode on ``device``, meta with ``dataset``).
+
+    An official SAM-Med3D file gets the ``sammed3d`` dataset preset (the reference's 1.5 mm
+    grid and intensities) and the published preset.
+    """
+    from sam3d.models.checkpoint import load_trained
+    from sam3d.models.registry import get_kind
 
     device = default_device(device)  # refuse an unavailable device before loading
     if not Path(checkpoint).is_file():
         raise Sam3DError(f"checkpoint not found: {checkpoint}")
-    model, meta = load_sam3d_checkpoint(checkpoint)
+    try:
+        model, meta = load_trained(checkpoint, what="trained sam3d checkpoint")
+    except Sam3DError as error:
+        official = _official_sammed3d(checkpoint)
+        if official is None:
+            raise error from None
+        model, meta = official
+    if get_kind(meta.get("model", "sam3d")).wing != "volumetric":
+        raise Sam3DError(
+            f"{checkpoint} holds a {meta['model']} model, a 2D one: use sam3d segment-2d"
+        )
+    meta.pop("model", None)
     return model.to(device).eval(), dict(meta)
+
+
+def _official_sammed3d(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict] | None:
+    """An official SAM-Med3D checkpoint as (model, meta), or None when it is not one."""
+    from sam3d.data.pipelines import load_dataset_preset
+    from sam3d.models.volumetric.sammed3d.build import build_sammed3d
+    from sam3d.models.volumetric.sammed3d.checkpoint import load_official, read_official
+
+    try:
+        state = read_official(checkpoint)
+    except Sam3DError:
+        return None
+    model = build_sammed3d("vit_b_ori")
+    model.load_report = load_official(model, state)
+    meta = {"model": "sammed3d", "dataset": load_dataset_preset("sammed3d"), "source": "official"}
+    return model, meta
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -117,6 +150,9 @@ class _State:
     points_vox: list[tuple[float, float, float]]
     labels: list[int]
     seeds: list[Origin]
+    # the prediction before these clicks, fed back as the mask prompt (models with
+    # ``feeds_back_mask``, e.g. SAM-Med3D); kept per state so undo decodes the same again
+    prompt: torch.Tensor | None = None
 
 
 class ClickSession:
@@ -226,10 +262,12 @@ class ClickSession:
         check_points_inside(pts, self.original_affine, self.original_shape, world=world)
         vox = world_to_original(pts, self.original_affine) if world else pts
         first = not self._state.points_vox
+        feed_back = getattr(self.model, "feeds_back_mask", False) and self.prob_grid is not None
         new = _State(
             self._state.points_vox + [tuple(float(c) for c in p) for p in vox],
             self._state.labels + labels,
             list(self._state.seeds),
+            self.prob_grid.half() if feed_back else None,
         )
         grid = self._grid_points(new.points_vox)
         pos = torch.as_tensor(grid[np.asarray(new.labels) == 1], dtype=torch.float32)
@@ -263,7 +301,9 @@ class ClickSession:
     def _update(self) -> torch.Tensor:
         grid = torch.as_tensor(self._grid_points(self._state.points_vox), dtype=torch.float32)
         labels = torch.as_tensor(self._state.labels, dtype=torch.long)
-        probs = self.predictor.predict_windows(grid, labels, self._state.seeds)
+        probs = self.predictor.predict_windows(
+            grid, labels, self._state.seeds, previous=self._state.prompt
+        )
         self._windows = list(probs)
         roi, shape = self.predictor.roi, self.predictor.shape
         lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]

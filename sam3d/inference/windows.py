@@ -226,10 +226,22 @@ class WindowPredictor:
         return self.cache[origin]
 
     def decode(
-        self, origin: Origin, points_vox: torch.Tensor, labels: torch.Tensor
+        self,
+        origin: Origin,
+        points_vox: torch.Tensor,
+        labels: torch.Tensor,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N)."""
+        """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N).
+
+        ``previous``: the last prediction on the whole grid ``H x W x D``; its window goes to
+        the model as ``mask_prompt`` (for models that take one, e.g. SAM-Med3D).
+        """
         feats = self.features(origin)
+        extra = {}
+        if previous is not None:
+            window = extract_window(previous[None].to(self.device, torch.float32), origin, self.roi)
+            extra["mask_prompt"] = window[None]
         o = torch.as_tensor(origin, dtype=torch.float32, device=self.device)
         local = (points_vox.to(self.device, torch.float32) - o)[None]
         lab = labels.to(self.device, torch.long)[None]
@@ -237,11 +249,15 @@ class WindowPredictor:
             local = torch.zeros(1, 1, 3, device=self.device)
             lab = torch.full((1, 1), -1, dtype=torch.long, device=self.device)
         with torch.inference_mode(), self._autocast():
-            logits = self.model.decode(feats, local, lab)
+            logits = self.model.decode(feats, local, lab, **extra)
         return torch.softmax(logits.float(), dim=1)[0, 1]
 
     def predict_windows(
-        self, points_vox: torch.Tensor, labels: torch.Tensor, seeds: Sequence[Origin]
+        self,
+        points_vox: torch.Tensor,
+        labels: torch.Tensor,
+        seeds: Sequence[Origin],
+        previous: torch.Tensor | None = None,
     ) -> dict[Origin, torch.Tensor]:
         """Decode the seed windows, then grow while the lesion touches a window border.
 
@@ -249,6 +265,7 @@ class WindowPredictor:
             points_vox: clicks ``N x 3`` in grid voxels.
             labels: ``N`` (1 positive, 0 negative, -1 ignored).
             seeds: origins of the first windows (see :func:`select_seed_windows`).
+            previous: the last prediction ``H x W x D`` fed back as a mask prompt, or None.
 
         Returns:
             window origin -> tumour probability ``r0 x r1 x r2``, in decoding order.
@@ -269,7 +286,7 @@ class WindowPredictor:
             if extra:
                 pts = torch.cat([pts, torch.tensor(extra, dtype=torch.float32)])
                 lab = torch.cat([lab, torch.ones(len(extra), dtype=torch.long)])
-            prob = self.decode(origin, pts, lab)
+            prob = self.decode(origin, pts, lab, previous)
             probs[origin] = prob
             if not g.enabled:
                 continue
