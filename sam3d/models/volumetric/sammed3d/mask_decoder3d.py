@@ -4,11 +4,32 @@ transposed-conv upscaling and per-mask hypernetwork MLPs; low-resolution logits 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sam3d.models.volumetric.sammed3d.image_encoder3d import LayerNorm3d, Mlp
+
+
+class Upsample2x3d(nn.ConvTranspose3d):
+    """``ConvTranspose3d(kernel_size=2, stride=2)`` as one matrix product (same weights).
+
+    With a stride equal to the kernel every input voxel writes its own 2^3 output block, so
+    the transposed convolution is an einsum and a reshape; PyTorch's CPU kernel for it
+    spends most of its time allocating column buffers (5x slower on the tiny decoder).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x Cin x X x Y x Z`` -> ``B x Cout x 2X x 2Y x 2Z``."""
+        b, _, sx, sy, sz = x.shape
+        out = torch.einsum("bcxyz,coijk->boxiyjzk", x, self.weight)
+        out = out.reshape(b, self.out_channels, 2 * sx, 2 * sy, 2 * sz)
+        return out + self.bias[None, :, None, None, None]
 
 
 class MLP(nn.Module):
@@ -48,9 +69,14 @@ class TokenAttention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        q, k, v = (
+            self._heads(self.q_proj(q)),
+            self._heads(self.k_proj(k)),
+            self._heads(self.v_proj(v)),
         )
+        # written out: a handful of tokens, where SDPA's CPU kernel costs ms per call
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        out = attn @ v
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
@@ -149,10 +175,10 @@ class MaskDecoder3D(nn.Module):
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose3d(dim, dim // 4, kernel_size=2, stride=2),
+            Upsample2x3d(dim, dim // 4),
             LayerNorm3d(dim // 4),
             nn.GELU(),
-            nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            Upsample2x3d(dim // 4, dim // 8),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
