@@ -151,3 +151,24 @@ def test_kits_inference_bundle_runs_a_sammed3d_checkpoint(tmp_path, loaded, samm
     assert got.shape == nib.load(path).shape
     session = ClickSession(model, path, meta["dataset"], device="cpu", growth=NO_GROWTH)
     np.testing.assert_array_equal(np.asarray(got.dataobj), session.click((10, 9, 5)).numpy())
+
+
+@pytest.mark.slow
+def test_an_official_pth_loads_for_inference_with_the_reference_preset(tmp_path):
+    import argparse
+
+    from sam3d.models.volumetric.sammed3d.build import build_sammed3d
+
+    torch.manual_seed(0)
+    official = build_sammed3d("vit_b_ori")
+    path = tmp_path / "sam_med3d_turbo.pth"
+    torch.save(
+        {"model_state_dict": official.state_dict(), "args": argparse.Namespace(img_size=128)},
+        path,
+    )
+    model, meta = load_model_for_inference(path, "cpu")
+    assert isinstance(model, SamMed3D) and model.config["name"] == "vit_b_ori"
+    assert model.load_report.complete
+    assert meta["dataset"]["name"] == "sammed3d" and meta["dataset"]["spacing_mm"] == [1.5] * 3
+    a = official.state_dict()
+    assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
