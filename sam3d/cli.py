@@ -304,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="negative click (not tumour); repeatable",
     )
     p.add_argument("--world", action="store_true", help="clicks are world millimetres (RAS)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="trained model.pt (Sam3D, SAM-Med3D) or an official SAM-Med3D .pth",
+    )
     p.add_argument("--out", required=True, type=Path, help="output mask .nii.gz")
     p.add_argument("--preview", type=Path, help="also write a PNG preview (three slices)")
     p.add_argument(
@@ -321,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="folder of .nii.gz files or a datalist JSON")
     p.add_argument("--key", help="datalist key (default: test/testing/validation/training)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="trained model.pt (Sam3D, SAM-Med3D) or an official SAM-Med3D .pth",
+    )
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--world", action="store_true", help="datalist points are RAS mm")
     p.add_argument("--previews", action="store_true", help="a PNG beside every mask")
@@ -330,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a local web viewer: click on the tumour, see the 3D mask")
     p.add_argument("image", type=Path, nargs="*", help="NIfTI volumes the page may open")
-    p.add_argument("--checkpoint", type=Path, help="trained sam3d model.pt (default: the demo's)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained model.pt or an official SAM-Med3D .pth (default: the demo's)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
