@@ -172,3 +172,35 @@ def test_an_official_pth_loads_for_inference_with_the_reference_preset(tmp_path)
     assert meta["dataset"]["name"] == "sammed3d" and meta["dataset"]["spacing_mm"] == [1.5] * 3
     a = official.state_dict()
     assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
+
+
+def test_sam3d_serve_clicks_a_sammed3d_checkpoint(tmp_path, loaded):
+    """The viewer's HTTP API on a SAM-Med3D model: open, two clicks (the second with the
+    first's mask fed back); each mask message equals a ClickSession's mask."""
+    import json
+    import urllib.request
+
+    from sam3d.serve import create_app
+    from sam3d.serve.masks import decode_mask, unpack_message
+    from sam3d.serve.server import BackgroundServer
+
+    model, meta = loaded
+    path = tmp_path / "small.nii.gz"
+    ph = _phantom(path, seed=3, orientation="RAS", shape=(20, 18, 10))
+
+    def post(url, body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.read()
+
+    session = ClickSession(model, path, meta["dataset"], device="cpu")
+    app = create_app(model, meta, [path], device="cpu")
+    with BackgroundServer(app) as url:
+        sid = json.loads(post(url + "/api/open", {"file": "small.nii.gz"}))["session"]
+        for point, positive in (([10, 9, 5], True), ([12, 8, 5], False)):
+            body = post(url + f"/api/sessions/{sid}/click", {"point": point, "positive": positive})
+            header, bits = unpack_message(body)
+            expected = session.click(point, positive=positive).numpy()
+            got = decode_mask(header["box"], bits, ph.image_hu.shape)
+            np.testing.assert_array_equal(got, expected)
+            assert header["voxels"] == int(expected.sum()) and 0 < expected.sum() < expected.size
