@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         type=Path,
-        help="trained sam3d model.pt (default: the shipped tiny model, trained on synthetic "
-        "volumes only)",
+        help="trained model.pt (Sam3D, SAM-Med3D) or an official SAM-Med3D .pth (default: the "
+        "shipped tiny Sam3D, trained on synthetic volumes only)",
     )
     p.add_argument("--out", required=True, type=Path, help="output mask .nii.gz")
     p.add_argument("--preview", type=Path, help="also write a PNG preview (three slices)")
@@ -350,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="folder of .nii.gz files or a datalist JSON")
     p.add_argument("--key", help="datalist key (default: test/testing/validation/training)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="trained sam3d model.pt")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="trained model.pt (Sam3D, SAM-Med3D) or an official SAM-Med3D .pth",
+    )
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--world", action="store_true", help="datalist points are RAS mm")
     p.add_argument("--previews", action="store_true", help="a PNG beside every mask")
@@ -362,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         type=Path,
-        help="trained sam3d model.pt (default: the demo's model with its phantoms when "
-        "demo_out/ has them, else the shipped tiny model, trained on synthetic volumes only)",
+        help="trained model.pt or an official SAM-Med3D .pth (default: the demo's model with "
+        "its phantoms when demo_out/ has them, else the shipped tiny model, trained on "
+        "synthetic volumes only)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
     p.add_argument("--port", type=int, default=8000)

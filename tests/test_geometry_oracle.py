@@ -14,7 +14,7 @@ the kits inference bundle; and the 2D retina bundle's PNG (x is the column).
 
 How the oracle gets in: every 3D path loads its model through
 ``sam3d.inference.load_model_for_inference``, which calls
-``sam3d.models.load_sam3d_checkpoint``; the tests patch that one function to return
+``sam3d.models.checkpoint.load_trained``; the tests patch that one function to return
 the oracle, so the loader's own checks (file exists, device, eval mode) and every
 caller, the bundle's config included, run unchanged. The retina bundle builds its
 network in the config: the test overrides ``network`` in MONAI's ``ConfigParser``.
@@ -33,7 +33,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 from serve_oracle import BrightComponentOracle
 
-import sam3d.models
+import sam3d.models.checkpoint
 from sam3d.cli import main
 from sam3d.data.phantoms.common import make_affine
 from sam3d.data.pipelines import load_dataset_preset
@@ -106,11 +106,11 @@ def oracle_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "oracle.pt"
     path.write_bytes(b"oracle")  # the loader checks the file exists
 
-    def load(p, map_location="cpu"):
+    def load(p, map_location="cpu", kind=None, what=""):
         assert str(p) == str(path)
-        return oracle(), {"dataset": dict(KITS)}
+        return oracle(), {"dataset": dict(KITS), "model": "sam3d"}
 
-    monkeypatch.setattr(sam3d.models, "load_sam3d_checkpoint", load)
+    monkeypatch.setattr(sam3d.models.checkpoint, "load_trained", load)
     return path
 
 
@@ -220,3 +220,33 @@ def test_retina_bundle_png_keeps_rows_and_columns(tmp_path):
         assert im.size == (w, h)  # PIL: (width = columns, height = rows)
         mask = np.asarray(im) > 127
     np.testing.assert_array_equal(mask, truth)
+
+
+class MaskFedOracle(BrightComponentOracle):
+    """The oracle as a SAM-Med3D-like kind: the previous prediction comes back as
+    ``mask_prompt`` (its ``decode`` names one), checked to be the window's own shape."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompts: list[tuple[int, ...] | None] = []
+
+    def decode(self, features, points, point_labels, mask_prompt=None):
+        if mask_prompt is not None:
+            assert tuple(mask_prompt.shape) == (features.shape[0], 1, *features.shape[2:])
+        self.prompts.append(None if mask_prompt is None else tuple(mask_prompt.shape))
+        return super().decode(features, points, point_labels)
+
+
+@pytest.mark.parametrize("name", list(PHANTOMS))
+def test_click_session_on_the_sammed3d_grid(tmp_path, name):
+    """SAM-Med3D's preset (1.5 mm grid, raw HU, mean 0 / SD 1) and mask feedback: the mask
+    still lands on the lesion, after the first click and after a second one."""
+    preset = load_dataset_preset("sammed3d")
+    ph = Phantom(tmp_path, name)
+    model = MaskFedOracle(tol=100.0, crop_size=32)
+    session = ClickSession(model, ph.path, preset, device="cpu")
+    session.click(ph.click_world, world=True)
+    ph.check(session.mask_numpy())
+    session.click(ph.click_vox)
+    ph.check(session.mask_numpy())
+    assert model.prompts[0] is None and model.prompts[-1] == (1, 1, 32, 32, 32)

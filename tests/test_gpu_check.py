@@ -46,3 +46,48 @@ def test_gpu_check_refuses_to_run_the_gpu_mode_without_cuda(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+def test_gpu_check_refuses_a_missing_sammed3d_checkpoint_before_any_step(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    missing = tmp_path / "sam_med3d_turbo.pth"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--sammed3d-checkpoint", str(missing),
+         str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"file not found: {missing}" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_scores_a_sammed3d_checkpoint_in_the_smoke_mode(tmp_path):
+    """The --sammed3d-checkpoint step alone (the other steps stubbed): it runs
+    scripts/score_sammed3d.py and its figures land in the one JSON."""
+    from sam3d.data.pipelines import load_dataset_preset
+    from sam3d.models.checkpoint import save_trained
+    from sam3d.models.registry import build_model
+
+    ckpt = save_trained(
+        tmp_path / "sammed3d_tiny.pt", build_model("sammed3d", "tiny"),
+        dataset=load_dataset_preset("sammed3d"),
+    )  # fmt: skip
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    # keep only the option parsing, the sammed3d step and the collector
+    start = script.index("    run cuda_tests 120")
+    end = script.index('fi\n\nif [[ -z "$SAMMED3D_CKPT" ]]')
+    stub = tmp_path / "gpu_check_sammed3d.sh"
+    stub.write_text(
+        (script[:start] + script[end:]).replace('cd "$(dirname "$0")/.."', f'cd "{REPO}"')
+    )
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        ["bash", str(stub), "--cpu-smoke", "--sammed3d-checkpoint", str(ckpt),
+         str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert proc.returncode == 0, (proc.stdout[-3000:], report["failed"])
+    step = report["steps"]["score_sammed3d"]
+    assert step["status"] == "ok"
+    assert len(step["figures"]["mean_dice_per_click"]) == 2

@@ -47,7 +47,7 @@ def test_dataset_presets_follow_the_reference_recipe(name):
 
 
 def test_preset_names_paths_and_errors(tmp_path):
-    assert pipelines.dataset_preset_names() == ["colon", "kits", "lits", "pancreas"]
+    assert pipelines.dataset_preset_names() == ["colon", "kits", "lits", "pancreas", "sammed3d"]
     custom = dict(pipelines.load_dataset_preset("kits"), tumour_label=5)
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(custom))

@@ -8,7 +8,10 @@ from sam3d.presets import CONFIG_DIR, preset_names, read_preset
 
 def test_shipped_presets_are_listed_and_read():
     assert {"tiny", "vit_b", "vit_l", "vit_h"} <= set(preset_names("model"))
-    assert set(preset_names("datasets")) == {"kits", "lits", "pancreas", "colon"}
+    assert set(preset_names("datasets")) == {"kits", "lits", "pancreas", "colon", "sammed3d"}
+    # docs/REFERENCES.md section 4b: SAM-Med3D's 1.5 mm grid, its z-score inside the model
+    sammed3d = read_preset("datasets", "sammed3d")
+    assert sammed3d["spacing_mm"] == [1.5] * 3 and (sammed3d["mean"], sammed3d["std"]) == (0, 1)
     kits = read_preset("datasets", "kits")
     assert kits == json.loads((CONFIG_DIR / "datasets" / "kits.json").read_text())
     # docs/REFERENCES.md section 1: KiTS21 window [-54, 247], mean/SD 59.54 / 55.46, tumour label 2.

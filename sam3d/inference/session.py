@@ -90,10 +90,12 @@ def _check_intensity_fields(preset: Mapping[str, Any]) -> None:
 def load_model_for_inference(
     checkpoint: str | os.PathLike, device: str | torch.device | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A trained click model -> (model in eval mode on ``device``, meta with ``dataset``).
+    """A trained checkpoint of a volumetric kind (Sam3D, SAM-Med3D, the click-channel UNet
+    baseline), or an official SAM-Med3D ``.pth`` -> (model in eval mode on ``device``, meta
+    with ``dataset``); a planar one is refused in one line.
 
-    Any volumetric kind of the registry (Sam3D, the click-channel UNet baseline) is
-    accepted; a planar one is refused in one line.
+    An official SAM-Med3D file gets the ``sammed3d`` dataset preset (the reference's 1.5 mm
+    grid and intensities) and the published preset.
     """
     from sam3d.models.checkpoint import load_trained
     from sam3d.models.registry import get_kind
@@ -101,11 +103,35 @@ def load_model_for_inference(
     device = default_device(device)  # refuse an unavailable device before loading
     if not Path(checkpoint).is_file():
         raise Sam3DError(f"checkpoint not found: {checkpoint}")
-    model, meta = load_trained(checkpoint, what="Sam3D checkpoint")
-    kind = meta.pop("model", None)
-    if get_kind(str(kind)).wing != "volumetric":
-        raise Sam3DError(f"{checkpoint} holds a {kind} model, not a volumetric click model")
+    try:
+        model, meta = load_trained(checkpoint, what="trained sam3d checkpoint")
+    except Sam3DError as error:
+        official = _official_sammed3d(checkpoint)
+        if official is None:
+            raise error from None
+        model, meta = official
+    if get_kind(meta.get("model", "sam3d")).wing != "volumetric":
+        raise Sam3DError(
+            f"{checkpoint} holds a {meta['model']} model, a 2D one: use sam3d segment-2d"
+        )
+    meta.pop("model", None)
     return model.to(device).eval(), dict(meta)
+
+
+def _official_sammed3d(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict] | None:
+    """An official SAM-Med3D checkpoint as (model, meta), or None when it is not one."""
+    from sam3d.data.pipelines import load_dataset_preset
+    from sam3d.models.volumetric.sammed3d.build import build_sammed3d
+    from sam3d.models.volumetric.sammed3d.checkpoint import load_official, read_official
+
+    try:
+        state = read_official(checkpoint)
+    except Sam3DError:
+        return None
+    model = build_sammed3d("vit_b_ori")
+    model.load_report = load_official(model, state)
+    meta = {"model": "sammed3d", "dataset": load_dataset_preset("sammed3d"), "source": "official"}
+    return model, meta
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -141,7 +167,9 @@ class _State:
     points_vox: list[tuple[float, float, float]]
     labels: list[int]
     seeds: list[Origin]
-    prob: torch.Tensor | None = None  # the stitched grid probability these clicks gave
+    # the stitched grid probability these clicks gave (half precision), the next click's mask
+    # prompt for models that take one (Sam3D with its mask prompt, SAM-Med3D, the click UNet)
+    prob: torch.Tensor | None = None
 
 
 class ClickSession:
@@ -296,7 +324,7 @@ class ClickSession:
         lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]
         hi = [min(shape[a], max((o[a] + roi[a] for o in probs), default=0)) for a in range(3)]
         prob = self.predictor.stitch(probs)
-        self._state.prob = prob if self.predictor.takes_mask_prompt else None
+        self._state.prob = prob.half() if self.predictor.takes_mask_prompt else None
         return self._finish(prob, region=(lo, hi))
 
     def _finish(

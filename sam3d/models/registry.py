@@ -126,6 +126,13 @@ register_model(
 )  # fmt: skip
 register_model(
     ModelKind(
+        "sammed3d", "volumetric", "sam3d.models.volumetric.sammed3d.build:build_sammed3d",
+        "SamMed3D", presets="sammed3d", prompt="points3d", prompt_required=True,
+        input_channels=1, input_range=None, input_side="crop_size", bundle=None,
+    )
+)  # fmt: skip
+register_model(
+    ModelKind(
         "topolora", "planar", "sam3d.models.planar.topolora:build_topolora_sam", "TopoLoRASam",
         presets="topolora", prompt="none",
         input_channels=3, input_range=(0.0, 255.0), input_side="img_size", bundle="retina",
