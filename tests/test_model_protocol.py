@@ -14,6 +14,8 @@ from sam3d.models.registry import ModelKind, build_model, get_kind, kinds_where,
 
 SMALL = {
     "sam3d": "tiny",
+    "click_unet": "tiny",
+    "sammed3d": "tiny",
     "topolora": {"sam": "tiny", "image_size": 64},
     "samus": {"sam": "tiny", "image_size": 64, "cnn_width": 8},
     "desam": {"sam": "tiny", "image_size": 64, "tap_blocks": [0, 1, 2], "pdmm_width": 16},

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sam3d.models.protocol import parameter_groups
 from sam3d.presets import read_preset
 
 DEFAULTS: dict[str, Any] = {
@@ -143,6 +144,10 @@ class ClickUNet(nn.Module):
                 )
             parts.append(mask_prompt.to(image.dtype))
         return self.net(torch.cat(parts, 1))
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups (:func:`sam3d.models.protocol.parameter_groups`): ``net``."""
+        return parameter_groups(net=self.net)
 
     def forward(
         self,

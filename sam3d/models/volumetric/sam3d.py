@@ -205,9 +205,11 @@ class Sam3D(nn.Module):
         return self.decode(self.encode(images), points, point_labels, mask_prompt)
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
-        """Named optimizer groups: ``encoder``, ``prompt_encoder``, ``decoder`` (trainable only)."""
+        """Named optimizer groups: ``encoder``, ``prompt_encoder``, ``decoder``, ``mask_prompt``
+        (trainable only; the last one when built with a mask prompt)."""
+        parts = {"mask_prompt": self.mask_prompt} if self.mask_prompt is not None else {}
         return parameter_groups(
-            encoder=self.encoder, prompt_encoder=self.prompt_encoder, decoder=self.decoder
+            encoder=self.encoder, prompt_encoder=self.prompt_encoder, decoder=self.decoder, **parts
         )
 
     def set_reference(self, enabled: bool = True) -> Sam3D:

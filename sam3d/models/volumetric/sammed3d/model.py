@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam3d.models.protocol import parameter_groups
 from sam3d.models.volumetric.sammed3d.image_encoder3d import ImageEncoder3D
 from sam3d.models.volumetric.sammed3d.mask_decoder3d import MaskDecoder3D
 from sam3d.models.volumetric.sammed3d.prompt_encoder3d import PromptEncoder3D
@@ -168,6 +169,14 @@ class SamMed3D(nn.Module):
         upsampling as the reference's inference, background channel 0)."""
         up = F.interpolate(low_res, size=tuple(size), mode="trilinear", align_corners=False)
         return torch.cat([torch.zeros_like(up), up], dim=1)
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Named optimizer groups: ``image_encoder``, ``prompt_encoder``, ``mask_decoder``."""
+        return parameter_groups(
+            image_encoder=self.image_encoder,
+            prompt_encoder=self.prompt_encoder,
+            mask_decoder=self.mask_decoder,
+        )
 
     def forward(
         self,
