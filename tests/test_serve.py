@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sam3d.errors import Sam3DError
-from sam3d.serve.app import display_axes, mask_message, nifti_name, volume_message
+from sam3d.serve.app import display_axes, nifti_name, segment_message, volume_message
 from sam3d.serve.masks import decode_mask, encode_mask, mask_box, pack_message, unpack_message
 from sam3d.serve.sessions import Entry, SessionStore, UnknownSession, session_bytes
 

@@ -41,12 +41,20 @@ def run_server(
     max_sessions: int = 8,
     max_memory_gb: float = 8.0,
     session_ttl_min: float = 60.0,
+    allow_hosts: Sequence[str] = (),
+    idle_timeout_s: float = 5.0,
 ) -> None:
-    """Serve the viewer until interrupted (prints the address first)."""
+    """Serve the viewer until interrupted (prints the address first).
+
+    The page answers only to the listening address, the loopback names and
+    ``allow_hosts`` (the ``Host`` header; see :mod:`sam3d.serve.guard`); an idle
+    keep-alive connection is closed after ``idle_timeout_s``.
+    """
     import uvicorn
 
     from sam3d.inference import load_model_for_inference
     from sam3d.serve.app import create_app
+    from sam3d.serve.guard import default_allowed_hosts
     from sam3d.serve.sessions import SessionStore
 
     if checkpoint is None:
@@ -67,6 +75,7 @@ def run_server(
         growth=growth,
         max_upload_mb=max_upload_mb,
         store=store,
+        allowed_hosts=sorted(default_allowed_hosts(host, allow_hosts)),
     )
     if host not in LOOPBACK:
         print(
@@ -78,7 +87,9 @@ def run_server(
     print(f"sam3d serve: {len(images)} image(s), model {checkpoint}")
     print(f"sam3d serve: open http://{shown}:{port}/ in a browser (Ctrl+C stops)", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(
+            app, host=host, port=port, log_level="warning", timeout_keep_alive=idle_timeout_s
+        )
     except OSError as e:  # port in use, permission denied
         raise Sam3DError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
@@ -90,10 +101,22 @@ class BackgroundServer:
     ...     ...
     """
 
-    def __init__(self, app: Any, port: int = 0, start_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        port: int = 0,
+        start_timeout_s: float = 30.0,
+        idle_timeout_s: float = 5.0,
+    ) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=idle_timeout_s,
+        )
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
         self.thread: Any = None
