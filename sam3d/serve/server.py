@@ -14,6 +14,28 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEMO_DIR = Path("demo_out")
 
 
+def http_protocol() -> type:
+    """uvicorn's h11 protocol, plus a deadline for the first request on a connection.
+
+    uvicorn closes an idle *kept-alive* connection after ``timeout_keep_alive`` but waits
+    forever for the first request's headers; this closes a connection that has not
+    started a request within the same time (a client that connects and stays silent, or
+    sends its headers a byte at a time). Slow bodies are cut by the app (408).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(self.timeout_keep_alive, self._no_request_yet)
+
+        def _no_request_yet(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def demo_inputs(demo_dir: Path = DEMO_DIR) -> tuple[Path, list[Path]]:
     """The checkpoint and held-out phantoms that ``sam3d demo`` wrote into ``demo_dir``."""
     checkpoint = demo_dir / "kits_bundle_run" / "models" / "model.pt"
@@ -88,7 +110,12 @@ def run_server(
     print(f"sam3d serve: open http://{shown}:{port}/ in a browser (Ctrl+C stops)", flush=True)
     try:
         uvicorn.run(
-            app, host=host, port=port, log_level="warning", timeout_keep_alive=idle_timeout_s
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=idle_timeout_s,
+            http=http_protocol(),
         )
     except OSError as e:  # port in use, permission denied
         raise Sam3DError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
@@ -116,6 +143,7 @@ class BackgroundServer:
             port=port,
             log_level="warning",
             timeout_keep_alive=idle_timeout_s,
+            http=http_protocol(),
         )
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
