@@ -235,7 +235,7 @@ def create_app(
         if name in served:
             raise Sam3DError(f"two served images are both called {name}")
         served[name] = p.resolve()
-    store = store or SessionStore()
+    store = store if store is not None else SessionStore()  # an empty store is falsy
     admission = Admission(store.max_bytes, max_opens=max_opens)
     token = secrets.token_urlsafe(24)
     hosts = set(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts("127.0.0.1")
