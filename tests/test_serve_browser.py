@@ -101,7 +101,7 @@ def page(served):
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         context = browser.new_context(
-            viewport={"width": 1280, "height": 470}, accept_downloads=True
+            viewport={"width": 1400, "height": 900}, accept_downloads=True
         )
         pg = context.new_page()
         pg.set_default_timeout(60_000)
@@ -240,10 +240,9 @@ def test_save_mask_writes_the_inputs_header(page, served, tmp_path):
     assert np.array_equal(np.asarray(saved.dataobj) > 0, page_mask(page, given.shape))
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+def _post(url: str, body: dict, token: str) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", "X-Sam3d-Token": token}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -254,11 +253,11 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def test_paths_outside_the_served_files_are_refused(served):
     import http.client
 
-    url = served["url"]
+    url, token = served["url"], served["app"].state.token
     for name in ("../../../etc/passwd", "/etc/passwd", str(served["path"]), "phantom.nii"):
-        status, body = _post(url + "/api/open", {"file": name})
+        status, body = _post(url + "/api/open", {"file": name}, token)
         assert status == 404 and "not one of the served files" in body["error"], name
-    assert _post(url + "/api/open", {"file": "phantom.nii.gz"})[0] == 200
+    assert _post(url + "/api/open", {"file": "phantom.nii.gz"}, token)[0] == 200
     host, port = url.removeprefix("http://").split(":")
     for path in ("/static/../app.py", "/static/..%2F..%2Fcli.py", "/static/%2e%2e/app.py"):
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -268,7 +267,7 @@ def test_paths_outside_the_served_files_are_refused(served):
         assert resp.status == 404, (path, resp.status)
         assert b"create_app" not in body and b"Traceback" not in body
         conn.close()
-    status, body = _post(url + "/api/sessions/nope/click", {"point": [1, 1, 1]})
+    status, body = _post(url + "/api/sessions/nope/click", {"point": [1, 1, 1]}, token)
     assert status == 404 and "open it again" in body["error"]
 
 
@@ -307,6 +306,7 @@ def test_server_refuses_an_upload_over_the_limit(served):
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/api/upload")
     conn.putheader("X-Filename", "x.nii.gz")
+    conn.putheader("X-Sam3d-Token", served["app"].state.token)
     conn.putheader("Content-Length", str(limit + 1))
     conn.endheaders()
     resp = conn.getresponse()
@@ -319,7 +319,7 @@ def test_server_refuses_an_upload_over_the_limit(served):
         "POST",
         "/api/upload",
         body=iter(chunks),
-        headers={"X-Filename": "y.nii.gz"},
+        headers={"X-Filename": "y.nii.gz", "X-Sam3d-Token": served["app"].state.token},
         encode_chunked=True,
     )
     resp = conn.getresponse()
