@@ -649,9 +649,10 @@ window.addEventListener("mouseup", (ev) => {
     S.stroke = null;
     const seen = new Set(), pts = [];
     for (const p of st.points) { const k = p.join(","); if (!seen.has(k)) { seen.add(k); pts.push(p); } }
-    maskRequest(st.erase ? "eraser" : "brush", "brush", {
+    S.lastStroke = {
       axis: st.axis, points: pts.slice(0, 512), radius_mm: S.radiusMm, erase: st.erase,
-    });
+    };
+    maskRequest(st.erase ? "eraser" : "brush", "brush", S.lastStroke);
     return;
   }
   if (d.moved || !d.vox) return;  // a drag (window/level, pan) is no click
