@@ -175,6 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_upload_mb=args.max_upload_mb,
         max_memory_gb=args.max_memory_gb,
         allow_hosts=args.allow_host,
+        max_image_mb=args.max_image_mb,
     )
 
 
@@ -337,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
     p.add_argument(
         "--max-memory-gb", type=float, default=8.0, help="memory for open images and features"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=1024.0,
+        help="largest image accepted, decompressed (its header's shape x data type)",
     )
     p.add_argument(
         "--allow-host",

@@ -65,6 +65,7 @@ def run_server(
     session_ttl_min: float = 60.0,
     allow_hosts: Sequence[str] = (),
     idle_timeout_s: float = 5.0,
+    max_image_mb: float = 1024.0,
 ) -> None:
     """Serve the viewer until interrupted (prints the address first).
 
@@ -98,6 +99,7 @@ def run_server(
         max_upload_mb=max_upload_mb,
         store=store,
         allowed_hosts=sorted(default_allowed_hosts(host, allow_hosts)),
+        max_image_mb=max_image_mb,
     )
     if host not in LOOPBACK:
         print(
