@@ -225,12 +225,13 @@ class BoxModel(torch.nn.Module):
 def test_volume_and_segment_messages(phantom_file):
     import nibabel as nib
 
-    from sam3d.data.io import load_image
     from sam3d.inference import ClickSession
+    from sam3d.serve.app import read_voxels
     from sam3d.serve.segments import Segments
 
-    image = load_image(phantom_file)
-    s = ClickSession(BoxModel(), image, "kits", device="cpu", source=phantom_file)
+    s = ClickSession(BoxModel(), phantom_file, "kits", device="cpu")
+    image = read_voxels(phantom_file, "small.nii.gz")
+    np.testing.assert_allclose(image.affine, s.original_affine, atol=1e-5)
     entry = Entry("id", "small.nii.gz", s, phantom_file, False, image=image)
     entry.segments = Segments(s)
     header, payload = unpack_message(volume_message(entry, s.dataset))
@@ -428,6 +429,14 @@ def test_inspect_nifti_refuses_by_the_declared_size_and_the_stream(tmp_path):
         inspect_nifti(padded, 64 << 20, "padded.nii.gz")
     assert e.value.status == 413 and "more than its header declares" in e.value.message
     inspect_nifti(padded, 64 << 20, "padded.nii.gz", check_stream=False)  # served: trusted
+    # an upload is unpacked while it is checked: the same bytes, or nothing on a refusal
+    out = tmp_path / "ok.nii"
+    inspect_nifti(ok, 1 << 20, "ok.nii.gz", unpack_to=out)
+    assert out.read_bytes() == gzip.decompress(ok.read_bytes())
+    out = tmp_path / "padded.nii"
+    with pytest.raises(Refusal):
+        inspect_nifti(padded, 64 << 20, "padded.nii.gz", unpack_to=out)
+    assert not out.exists()
     for bad in (b"\x1f\x8b not gzip at all" * 20, b"plain junk" * 100):
         junk = tmp_path / "junk.nii.gz"
         junk.write_bytes(bad)
@@ -439,7 +448,7 @@ def test_inspect_nifti_refuses_by_the_declared_size_and_the_stream(tmp_path):
 def test_admission_bounds_memory_and_count():
     from sam3d.serve.guard import Admission, Refusal
 
-    adm = Admission(max_bytes=100, max_opens=2)
+    adm = Admission(max_bytes=100, max_opens=2, wait_s=0.05)
     a = adm.admit(60, "a")
     with pytest.raises(Refusal) as e:
         adm.admit(50, "b")  # 110 > 100 in flight
@@ -455,6 +464,13 @@ def test_admission_bounds_memory_and_count():
     adm.release(b)
     adm.release(adm.admit(100, "d"))
     assert adm.in_flight == {}
+    # an open that does not fit waits for room instead of failing at once
+    adm.wait_s = 30.0
+    first = adm.admit(80, "e")
+    threading.Timer(0.3, adm.release, args=(first,)).start()
+    t0 = time.monotonic()
+    adm.release(adm.admit(80, "f"))
+    assert 0.2 < time.monotonic() - t0 < 10
 
 
 @pytest.mark.parametrize(

@@ -332,11 +332,11 @@ def test_opens_in_flight_are_bounded(small, tmp_path):
     more than the whole budget is refused outright (413); nothing is a 500."""
     gate = threading.Event()
 
-    def slow_factory(model, image, dataset, device, growth, source):
+    def slow_factory(model, path, dataset, device, growth):
         from sam3d.inference import ClickSession
 
         gate.wait(30)
-        return ClickSession(model, image, dataset, device=device, growth=growth, source=source)
+        return ClickSession(model, path, dataset, device=device, growth=growth)
 
     app = create_app(
         CubeModel(),
@@ -345,6 +345,7 @@ def test_opens_in_flight_are_bounded(small, tmp_path):
         device="cpu",
         session_factory=slow_factory,
         max_opens=1,
+        admission_wait_s=0.5,
     )
     srv = {"app": app}
     with BackgroundServer(app) as url:
@@ -353,6 +354,7 @@ def test_opens_in_flight_are_bounded(small, tmp_path):
         body = json.dumps({"file": "small.nii.gz"})
         status, first = request(srv, "POST", "/api/open", body, page_headers(srv))
         assert status == 200
+        app.state.store._entries[first["session"]].go.set()  # as if the page had its voxels
         refused(*request(srv, "POST", "/api/open", body, page_headers(srv)), 429, "try again")
         gate.set()
         app.state.store._entries[first["session"]].wait(60)

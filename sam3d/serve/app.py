@@ -57,7 +57,7 @@ from sam3d.serve.guard import (
 )
 from sam3d.serve.masks import pack_message
 from sam3d.serve.segments import Box, Segment, Segments
-from sam3d.serve.sessions import Entry, SessionStore, UnknownSession
+from sam3d.serve.sessions import Entry, SessionStore, UnknownSession, Voxels
 
 log = logging.getLogger("sam3d.serve")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -74,6 +74,7 @@ MAX_JSON_BYTES = 64 << 10
 # the 1 mm grid, intensity-transformed; measured ~100 B/voxel before the memory-bounded
 # loader). The admission control reserves this much for every open in flight.
 OPEN_BYTES_PER_VOXEL = 64
+BUILD_DELAY_S = 5.0  # longest wait for the page's voxels before preprocessing anyway
 
 
 def nifti_name(name: str) -> str:
@@ -99,16 +100,43 @@ def display_axes(affine: np.ndarray) -> tuple[list[int], list[int]]:
     return world, sign
 
 
+def read_voxels(path: Path, name: str) -> Voxels:
+    """The file's voxels as stored (scaled values, file orientation) and its affine.
+
+    nibabel only, no resampling: what the page draws, read before the session's
+    preprocessing."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise Sam3DError(f"cannot read {name}: {type(e).__name__}") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise Sam3DError(f"cannot read {name}: expected one 3D volume, got shape {data.shape}")
+    return Voxels(data, np.asarray(img.affine, dtype=np.float64))
+
+
 def volume_message(entry: Entry, dataset: Mapping[str, Any]) -> bytes:
     """The image voxels (int16 when they are whole numbers in range, else float32), C order."""
-    image = entry.image if entry.image is not None else entry.session.original_image
-    img = image[0].detach().cpu().numpy()
+    if entry.image is not None:
+        img, affine = entry.image.data, entry.image.affine
+    else:
+        img = entry.session.original_image[0].detach().cpu().numpy()
+        affine = entry.session.original_affine
     lo, hi = float(img.min()), float(img.max())
-    data = img.astype("<i2") if lo >= -32768 and hi <= 32767 else None
-    whole = data is not None and bool(np.array_equal(data, img))
-    if not whole:
-        data = img.astype("<f4")
-    affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
+    if img.dtype.kind in "iub" and lo >= -32768 and hi <= 32767:
+        data, whole = img.astype("<i2", copy=False), True
+    elif img.dtype.kind == "f" and lo >= -32768 and hi <= 32767:
+        data = img.astype("<i2")
+        whole = bool(np.array_equal(data, img))
+        if not whole:
+            data = img.astype("<f4", copy=False)
+    else:
+        data, whole = img.astype("<f4", copy=False), False
+    affine = np.asarray(affine, dtype=np.float64)
     world, sign = display_axes(affine)
     presets = {f"{dataset.get('name', 'dataset')} (default)": list(dataset["window_hu"])}
     presets.update({k: list(v) for k, v in WINDOW_PRESETS_HU.items()})
@@ -198,6 +226,7 @@ def create_app(
     body_timeout_s: float = 30.0,
     max_opens: int = 2,
     open_bytes_per_voxel: int = OPEN_BYTES_PER_VOXEL,
+    admission_wait_s: float = 30.0,
 ) -> Starlette:
     """The viewer application for one model.
 
@@ -211,17 +240,15 @@ def create_app(
         max_upload_mb: uploads larger than this are refused (HTTP 413).
         store: the session store (default: 8 sessions, 8 GiB, one hour idle).
         upload_dir: where uploads are kept while their session lives (default: a temp dir).
-        session_factory: ``(model, image, dataset, device, growth, source) -> ClickSession``
-            (``image`` the file's voxels as a MetaTensor, ``source`` its path).
+        session_factory: ``(model, path, dataset, device, growth) -> ClickSession``.
         allowed_hosts: the ``Host`` names answered (default: the loopback names); ``"*"``
             answers any (not for a network).
         max_image_mb: an image whose header declares more voxel bytes is refused (413).
         body_timeout_s: a request body must arrive within this (idle and in total, 408).
-        max_opens: images opened at once (more: 429).
+        max_opens: images opened at once (more wait up to ``admission_wait_s``, then 429).
         open_bytes_per_voxel: memory reserved per voxel for an open in flight (the
             admission control's estimate; the budget is the store's ``max_bytes``).
     """
-    from sam3d.data.io import load_image
     from sam3d.inference import ClickSession
     from sam3d.inference.session import resolve_dataset
 
@@ -236,7 +263,7 @@ def create_app(
             raise Sam3DError(f"two served images are both called {name}")
         served[name] = p.resolve()
     store = store if store is not None else SessionStore()  # an empty store is falsy
-    admission = Admission(store.max_bytes, max_opens=max_opens)
+    admission = Admission(store.max_bytes, max_opens=max_opens, wait_s=admission_wait_s)
     token = secrets.token_urlsafe(24)
     hosts = set(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts("127.0.0.1")
     tmp = tempfile.TemporaryDirectory(prefix="sam3d-serve-") if upload_dir is None else None
@@ -246,14 +273,15 @@ def create_app(
     image_limit = int(max_image_mb * 1024 * 1024)
     page = (STATIC_DIR / "index.html").read_text().replace("{{token}}", token)
     factory = session_factory or (
-        lambda m, image, ds, dev, gr, source: ClickSession(
-            m, image, ds, device=dev, growth=gr, source=source
-        )
+        lambda m, path, ds, dev, gr: ClickSession(m, path, ds, device=dev, growth=gr)
     )
 
     def build(entry: Entry, ticket: int) -> None:
+        # the page's first slices go first: wait until the voxels were sent (or a
+        # request needs the session), then preprocess
+        entry.go.wait(BUILD_DELAY_S)
         try:
-            session = factory(model, entry.image, dataset, device, growth, entry.source)
+            session = factory(model, entry.source, dataset, device, growth)
             entry.finish(session, Segments(session))
         except BaseException as e:  # shown at the next request on this session
             if not isinstance(e, Sam3DError):
@@ -265,15 +293,25 @@ def create_app(
                 store.settle(entry.id)
 
     async def open_path(path: Path, name: str, upload: bool) -> Entry:
-        """Check the header (and bound the gzip stream of an upload), reserve memory,
-        read the voxels; the session is built in a thread."""
-        facts = await run_in_threadpool(inspect_nifti, path, image_limit, name, upload)
-        ticket = admission.admit(facts.voxels * open_bytes_per_voxel, name)
+        """Check the header (an upload's gzip stream bounded and unpacked to ``.nii``),
+        reserve memory, read the voxels; the session is built in a thread."""
+        unpacked = None
+        if upload and path.name.lower().endswith(".gz"):
+            unpacked = path.with_name(path.name[:-3])
+        facts = await run_in_threadpool(inspect_nifti, path, image_limit, name, upload, unpacked)
+        if unpacked is not None:
+            path.unlink(missing_ok=True)
+            path = unpacked
+        ticket = 0
         try:
-            image = await run_in_threadpool(load_image, path)
+            need = facts.voxels * open_bytes_per_voxel
+            ticket = await run_in_threadpool(admission.admit, need, name)
+            image = await run_in_threadpool(read_voxels, path, name)
             entry = store.add(name, None, path, upload=upload, image=image)
         except BaseException:
             admission.release(ticket)
+            if upload:
+                path.unlink(missing_ok=True)
             raise
         threading.Thread(target=build, args=(entry, ticket), daemon=True).start()
         return entry
@@ -327,18 +365,19 @@ def create_app(
             return _error(404, "this image's session has expired or is unknown; open it again")
 
     async def volume(request: Request) -> Response:
-        sid = request.path_params["sid"]
-        return await run_in_threadpool(
-            with_session,
-            sid,
-            lambda e: _binary(volume_message(e, dataset), request, compress=False),
-        )
+        def send(entry: Entry) -> Response:
+            response = _binary(volume_message(entry, dataset), request, compress=False)
+            response.background = BackgroundTask(entry.go.set)  # once the page has them
+            return response
+
+        return await run_in_threadpool(with_session, request.path_params["sid"], send)
 
     async def edit(request: Request, body_type: type[schema.M], action: Callable) -> Response:
         body = await json_body(request, body_type)
 
         def run(entry: Entry) -> Response:
             t0 = time.perf_counter()
+            entry.go.set()
             entry.wait()
             seg, box = action(entry.segments, body)
             message = segment_message(entry, seg, box, time.perf_counter() - t0)
@@ -378,6 +417,7 @@ def create_app(
         def save(entry: Entry) -> Response:
             from sam3d.inference.grid import save_mask
 
+            entry.go.set()
             entry.wait()
             s = entry.session
             out = uploads / f"{time.time_ns()}_{nifti_stem(entry.name)}_seg.nii.gz"

@@ -23,6 +23,7 @@ Every refusal is a :class:`Refusal`: an HTTP status (4xx) and a one-line message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -210,9 +211,16 @@ class NiftiFacts:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def inspect_nifti(path: Path, max_bytes: int, name: str, check_stream: bool = True) -> NiftiFacts:
+def inspect_nifti(
+    path: Path,
+    max_bytes: int,
+    name: str,
+    check_stream: bool = True,
+    unpack_to: Path | None = None,
+) -> NiftiFacts:
     """Read the header only, check the declared size, then (``check_stream``) bound the
-    gzip stream.
+    gzip stream, writing what it holds to ``unpack_to`` when given (an uncompressed
+    ``.nii`` that every later reader opens without decompressing again).
 
     Raises :class:`Refusal` (413 too large, 400 unreadable). No more than one chunk of
     decompressed data is ever held; the stream is read only as far as the header says.
@@ -241,12 +249,24 @@ def inspect_nifti(path: Path, max_bytes: int, name: str, check_stream: bool = Tr
         gz = f.read(2) == b"\x1f\x8b"
     if gz and check_stream:
         expected = max(offset, 348) + data_bytes
-        _bounded_gunzip(path, expected + CHUNK, name)
+        _bounded_gunzip(path, expected + CHUNK, name, unpack_to)
     return NiftiFacts(shape, dtype, data_bytes)
 
 
-def _bounded_gunzip(path: Path, limit: int, name: str) -> int:
-    """Decompress ``path`` chunk by chunk; refuse (413) past ``limit`` bytes, 400 if corrupt."""
+def _bounded_gunzip(path: Path, limit: int, name: str, out: Path | None = None) -> int:
+    """Decompress ``path`` chunk by chunk (into ``out``, if given); refuse (413) past
+    ``limit`` bytes, 400 if corrupt. ``out`` is removed on a refusal."""
+    try:
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(out, "wb")) if out is not None else None
+            return _gunzip_chunks(path, limit, name, sink)
+    except BaseException:
+        if out is not None:
+            out.unlink(missing_ok=True)
+        raise
+
+
+def _gunzip_chunks(path: Path, limit: int, name: str, sink: Any) -> int:
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     total = 0
     with open(path, "rb") as f:
@@ -264,6 +284,8 @@ def _bounded_gunzip(path: Path, limit: int, name: str) -> int:
                     raise Refusal(
                         413, f"{name} decompresses to more than its header declares; refused"
                     )
+                if sink is not None:
+                    sink.write(out)
                 data = d.unconsumed_tail
                 if d.eof:  # a second gzip member would follow in unused_data
                     data = d.unused_data
@@ -281,32 +303,38 @@ class Admission:
     Args:
         max_bytes: the budget (the session store's ``max_bytes``).
         max_opens: at most this many opens at once.
+        wait_s: how long an open waits for room before it is refused (429).
     """
 
-    def __init__(self, max_bytes: int, max_opens: int = 2) -> None:
-        self.max_bytes, self.max_opens = max_bytes, max_opens
+    def __init__(self, max_bytes: int, max_opens: int = 2, wait_s: float = 30.0) -> None:
+        self.max_bytes, self.max_opens, self.wait_s = max_bytes, max_opens, wait_s
         self.in_flight: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._room = threading.Condition()
         self._next = 0
 
+    def _fits(self, need: int) -> bool:
+        return (
+            len(self.in_flight) < self.max_opens
+            and sum(self.in_flight.values()) + need <= self.max_bytes
+        )
+
     def admit(self, need: int, name: str) -> int:
-        """Reserve ``need`` bytes for opening ``name``; returns a ticket for :meth:`release`."""
+        """Reserve ``need`` bytes for opening ``name`` (waiting up to ``wait_s`` for room);
+        returns a ticket for :meth:`release`. Blocks: call it from a worker thread."""
         if need > self.max_bytes:
             raise Refusal(
                 413,
                 f"{name} needs about {need / 2**30:.2f} GiB to open, more than the server "
                 f"allows ({self.max_bytes / 2**30:.2f} GiB; --max-memory-gb)",
             )
-        with self._lock:
-            if len(self.in_flight) >= self.max_opens:
-                raise Refusal(429, "the server is opening other images; try again shortly")
-            busy = sum(self.in_flight.values())
-            if busy + need > self.max_bytes:
+        with self._room:
+            if not self._room.wait_for(lambda: self._fits(need), timeout=self.wait_s):
                 raise Refusal(429, "the server is opening other images; try again shortly")
             self._next += 1
             self.in_flight[self._next] = need
             return self._next
 
     def release(self, ticket: int) -> None:
-        with self._lock:
+        with self._room:
             self.in_flight.pop(ticket, None)
+            self._room.notify_all()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sam3d.errors import Sam3DError
@@ -54,6 +55,18 @@ def session_bytes(session: Any) -> int:
 
 
 @dataclass
+class Voxels:
+    """An image as the file stores it: values ``I x J x K`` and the voxel -> RAS mm affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass
 class Entry:
     """One opened image: its voxels, its session (once built), a name for the page."""
 
@@ -64,9 +77,10 @@ class Entry:
     upload: bool  # the file is ours (an upload) and is deleted with the session
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.monotonic)
-    image: Any = None  # 1 x I x J x K MetaTensor, the file's voxels (before the session)
+    image: Voxels | None = None  # the file's voxels for the page (read before the session)
     segments: Any = None  # sam3d.serve.segments.Segments, with the session
     ready: threading.Event = field(default_factory=threading.Event)
+    go: threading.Event = field(default_factory=threading.Event)  # build the session now
     error: BaseException | None = None
 
     def finish(
@@ -85,10 +99,9 @@ class Entry:
         return self.session
 
     def nbytes(self) -> int:
-        if self.session is None:
-            return tensor_bytes(self.image)
         extra = self.segments.nbytes() if self.segments is not None else 0
-        return session_bytes(self.session) + extra
+        voxels = self.image.nbytes if self.image is not None else 0
+        return voxels + session_bytes(self.session) + extra
 
 
 class SessionStore:
