@@ -284,6 +284,25 @@ def test_http_errors_are_messages(phantom_file, tmp_path):
         assert status == 400 and body["error"] == "nothing to redo"
         status, body = _post(url + f"/api/sessions/{sid}/click", {"point": "here"}, token)
         assert status == 400 and "point" in body["error"]
+        # the page's first draw: geometry, then single slices of the file's voxels
+        import nibabel as nib
+
+        given = np.asarray(nib.load(str(phantom_file)).dataobj)
+        with urllib.request.urlopen(url + f"/api/sessions/{sid}/info", timeout=60) as r:
+            info = json.loads(r.read())
+        assert info["shape"] == list(given.shape) and info["dtype"] == "int16"
+        for axis, index in ((0, 3), (1, 35), (2, 11)):
+            q = f"/api/sessions/{sid}/slice?axis={axis}&index={index}"
+            with urllib.request.urlopen(url + q, timeout=60) as r:
+                header, payload = unpack_message(r.read())
+            plane = np.frombuffer(payload, "<i2").reshape(header["shape"])
+            np.testing.assert_array_equal(plane, np.take(given, index, axis=axis))
+        for q in ("axis=3&index=0", "axis=0&index=40", "axis=x&index=1", "index=1"):
+            try:
+                urllib.request.urlopen(url + f"/api/sessions/{sid}/slice?{q}", timeout=60)
+                raise AssertionError(q)
+            except urllib.error.HTTPError as e:
+                assert e.code == 400 and "error" in json.loads(e.read())
     app = create_app(
         BoxModel(), {"dataset": "kits"}, [phantom_file], session_factory=broken_factory
     )

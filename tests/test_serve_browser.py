@@ -106,7 +106,7 @@ def page(served):
         pg = context.new_page()
         pg.set_default_timeout(60_000)
         pg.goto(served["url"])
-        pg.wait_for_function("window.sam3d.vol !== null && window.sam3d.updates >= 1")
+        pg.wait_for_function("window.sam3d.vol?.data && window.sam3d.updates > 0")
         yield pg
         browser.close()
 
@@ -339,7 +339,7 @@ def test_uploading_a_good_file_opens_it(page, served, tmp_path):
     save_nifti(ph.image_hu, ph.affine, path, np.int16)
     sid = page.evaluate("window.sam3d.sid")
     page.set_input_files("#picker", str(path))
-    page.wait_for_function(f"window.sam3d.sid !== {json.dumps(sid)}")
+    page.wait_for_function(f"window.sam3d.sid !== {json.dumps(sid)} && window.sam3d.vol.data")
     assert page.evaluate("window.sam3d.vol.shape") == [48, 40, 16]
     assert "other_case.nii.gz" in page.inner_text("#image-info")  # the name made safe
     assert page.eval_on_selector("#files", "s => s.value") == "other_case.nii.gz"
@@ -374,6 +374,8 @@ def test_served_image_reopens_from_the_list(page, served):
     sid = page.evaluate("window.sam3d.sid")
     page.select_option("#files", "phantom.nii.gz")
     page.wait_for_function(f"window.sam3d.sid !== {json.dumps(sid)} && window.sam3d.vol")
+    # drawn from the three slices first, the whole volume after
+    page.wait_for_function("window.sam3d.vol.data !== null")
     assert tuple(page.evaluate("window.sam3d.vol.shape")) == served["phantom"].image_hu.shape
     assert page.eval_on_selector("#files", "s => s.value") == "phantom.nii.gz"
     assert page.evaluate("window.sam3d.openMs") is not None

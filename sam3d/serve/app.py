@@ -10,7 +10,9 @@ traceback; see :mod:`.guard` for the Host, origin, token, size and time checks a
   request is never opened); ``POST /api/upload`` (raw body, ``X-Filename`` header): a
   size-limited upload, its header and gzip stream checked before it is read.
   Both answer once the voxels are read; the session (preprocessing) is built after.
-- ``GET /api/sessions/{id}/volume``: the image voxels (message, see :mod:`.masks`).
+- ``GET /api/sessions/{id}/info``: the image's shape, geometry and windows (JSON);
+  ``.../slice?axis=a&index=n``: one slice of voxels (what the page draws first);
+  ``.../volume``: all the voxels (message, see :mod:`.masks`), streamed with progress.
 - ``POST /api/sessions/{id}/click`` ``{"point": [i, j, k], "positive": true, "segment": 1}``,
   ``.../brush`` (a stroke on one slice), ``.../undo``, ``.../redo``, ``.../reset``
   ``{"segment": n}``: the segment's mask inside the box where it changed, packed bits.
@@ -100,11 +102,26 @@ def display_axes(affine: np.ndarray) -> tuple[list[int], list[int]]:
     return world, sign
 
 
-def read_voxels(path: Path, name: str) -> Voxels:
-    """The file's voxels as stored (scaled values, file orientation) and its affine.
+def page_voxels(img: np.ndarray) -> tuple[np.ndarray, str, list[float]]:
+    """The voxels as the page takes them: C order, int16 when they are whole numbers in
+    range, else float32; with the data type's name and the value range."""
+    lo, hi = float(img.min()), float(img.max())
+    in_range = lo >= -32768 and hi <= 32767
+    if img.dtype.kind in "iub" and in_range:
+        data = np.ascontiguousarray(img, dtype="<i2")
+    elif img.dtype.kind == "f" and in_range:
+        data = np.ascontiguousarray(img, dtype="<i2")
+        if not np.array_equal(data, img):
+            data = np.ascontiguousarray(img, dtype="<f4")
+    else:
+        data = np.ascontiguousarray(img, dtype="<f4")
+    return data, "int16" if data.dtype == np.int16 else "float32", [lo, hi]
 
-    nibabel only, no resampling: what the page draws, read before the session's
-    preprocessing."""
+
+def read_voxels(path: Path, name: str) -> Voxels:
+    """The file's voxels as stored (scaled values, file orientation), ready for the page,
+    and its affine. nibabel only, no resampling: what the page draws, read before the
+    session's preprocessing."""
     import nibabel as nib
 
     try:
@@ -116,45 +133,51 @@ def read_voxels(path: Path, name: str) -> Voxels:
         data = data[..., 0]
     if data.ndim != 3:
         raise Sam3DError(f"cannot read {name}: expected one 3D volume, got shape {data.shape}")
-    return Voxels(data, np.asarray(img.affine, dtype=np.float64))
+    page, dtype, value_range = page_voxels(data)
+    return Voxels(page, np.asarray(img.affine, dtype=np.float64), dtype, value_range)
+
+
+def volume_header(entry: Entry, dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """What the page needs to draw the image: shape, geometry, data type, windows."""
+    if entry.image is None:  # a session given ready-made: its own copy of the voxels
+        img = entry.session.original_image[0].detach().cpu().numpy()
+        data, dtype, value_range = page_voxels(img)
+        entry.image = Voxels(data, entry.session.original_affine, dtype, value_range)
+    v = entry.image
+    affine = np.asarray(v.affine, dtype=np.float64)
+    world, sign = display_axes(affine)
+    presets = {f"{dataset.get('name', 'dataset')} (default)": list(dataset["window_hu"])}
+    presets.update({k: list(w) for k, w in WINDOW_PRESETS_HU.items()})
+    return {
+        "session": entry.id,
+        "name": entry.name,
+        "shape": [int(n) for n in v.data.shape],
+        "dtype": v.dtype,
+        "spacing_mm": [float(x) for x in np.linalg.norm(affine[:3, :3], axis=0)],
+        "voxel_ml": float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0,
+        "affine": affine.tolist(),
+        "axis_world": world,
+        "axis_sign": sign,
+        "range": v.value_range,
+        "windows": presets,
+        "ready": entry.ready.is_set(),
+    }
 
 
 def volume_message(entry: Entry, dataset: Mapping[str, Any]) -> bytes:
     """The image voxels (int16 when they are whole numbers in range, else float32), C order."""
-    if entry.image is not None:
-        img, affine = entry.image.data, entry.image.affine
-    else:
-        img = entry.session.original_image[0].detach().cpu().numpy()
-        affine = entry.session.original_affine
-    lo, hi = float(img.min()), float(img.max())
-    if img.dtype.kind in "iub" and lo >= -32768 and hi <= 32767:
-        data, whole = img.astype("<i2", copy=False), True
-    elif img.dtype.kind == "f" and lo >= -32768 and hi <= 32767:
-        data = img.astype("<i2")
-        whole = bool(np.array_equal(data, img))
-        if not whole:
-            data = img.astype("<f4", copy=False)
-    else:
-        data, whole = img.astype("<f4", copy=False), False
-    affine = np.asarray(affine, dtype=np.float64)
-    world, sign = display_axes(affine)
-    presets = {f"{dataset.get('name', 'dataset')} (default)": list(dataset["window_hu"])}
-    presets.update({k: list(v) for k, v in WINDOW_PRESETS_HU.items()})
-    header = {
-        "session": entry.id,
-        "name": entry.name,
-        "shape": [int(v) for v in img.shape],
-        "dtype": "int16" if whole else "float32",
-        "spacing_mm": [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-        "voxel_ml": float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0,
-        "affine": np.asarray(affine).tolist(),
-        "axis_world": world,
-        "axis_sign": sign,
-        "range": [lo, hi],
-        "windows": presets,
-        "ready": entry.ready.is_set(),
-    }
-    return pack_message(header, np.ascontiguousarray(data).tobytes())
+    header = volume_header(entry, dataset)
+    return pack_message(header, memoryview(entry.image.data).cast("B"))
+
+
+def slice_message(entry: Entry, axis: int, index: int) -> bytes:
+    """One slice (voxel ``axis`` at ``index``): the other two axes in C order."""
+    shape = entry.image.data.shape
+    if axis not in (0, 1, 2) or not 0 <= index < shape[axis]:
+        raise Refusal(400, f"no slice {index} along axis {axis} (shape {list(shape)})")
+    plane = np.ascontiguousarray(np.take(entry.image.data, index, axis=axis))
+    header = {"axis": axis, "index": index, "shape": list(plane.shape)}
+    return pack_message(header, plane.tobytes())
 
 
 def segment_summary(seg: Segment, spacing: np.ndarray, voxel_ml: float) -> dict[str, Any]:
@@ -364,6 +387,24 @@ def create_app(
         except UnknownSession:
             return _error(404, "this image's session has expired or is unknown; open it again")
 
+    async def info(request: Request) -> Response:
+        def answer(entry: Entry) -> Response:
+            return JSONResponse(volume_header(entry, dataset))
+
+        return await run_in_threadpool(with_session, request.path_params["sid"], answer)
+
+    async def one_slice(request: Request) -> Response:
+        q = request.query_params
+        try:
+            axis, index = int(q.get("axis", "")), int(q.get("index", ""))
+        except ValueError:
+            return _error(400, "expected ?axis=0..2&index=n")
+
+        def answer(entry: Entry) -> Response:
+            return _binary(slice_message(entry, axis, index), request, compress=False)
+
+        return await run_in_threadpool(with_session, request.path_params["sid"], answer)
+
     async def volume(request: Request) -> Response:
         def send(entry: Entry) -> Response:
             response = _binary(volume_message(entry, dataset), request, compress=False)
@@ -464,6 +505,8 @@ def create_app(
             Route("/api/files", files),
             Route("/api/open", open_file, methods=["POST"]),
             Route("/api/upload", upload, methods=["POST"]),
+            Route(sid + "/info", info),
+            Route(sid + "/slice", one_slice),
             Route(sid + "/volume", volume),
             Route(sid + "/click", click, methods=["POST"]),
             Route(sid + "/brush", brush, methods=["POST"]),

@@ -58,8 +58,10 @@ def session_bytes(session: Any) -> int:
 class Voxels:
     """An image as the file stores it: values ``I x J x K`` and the voxel -> RAS mm affine."""
 
-    data: np.ndarray
+    data: np.ndarray  # C order, int16 or float32 (what the page takes)
     affine: np.ndarray
+    dtype: str = "int16"
+    value_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     @property
     def nbytes(self) -> int:

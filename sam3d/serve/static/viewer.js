@@ -95,9 +95,50 @@ function viewAxes(name) {
   return { s: voxelAxis(v.slice), x: voxelAxis(v.x), y: voxelAxis(v.y) };
 }
 
+// the value at voxel v, from the volume or from a slice holding v (null if neither is here)
 function voxelValue(v) {
-  const st = strides(S.vol.shape);
-  return S.vol.data[v[0] * st[0] + v[1] * st[1] + v[2]];
+  if (S.vol.data) {
+    const st = strides(S.vol.shape);
+    return S.vol.data[v[0] * st[0] + v[1] * st[1] + v[2]];
+  }
+  for (let a = 0; a < 3; a++) {
+    const sl = S.vol.slices[`${a}:${v[a]}`];
+    if (!sl) continue;
+    const st2 = sliceStrides(a);
+    return sl[v[0] * st2[0] + v[1] * st2[1] + v[2] * st2[2]];
+  }
+  return null;
+}
+
+// strides of a slice along voxel axis a (the other two axes, C order; a itself: 0)
+function sliceStrides(a) {
+  const [u, v] = [0, 1, 2].filter((x) => x !== a), st = [0, 0, 0];
+  st[u] = S.vol.shape[v]; st[v] = 1;
+  return st;
+}
+
+// where render() reads the grey values of a view: the volume, or the slice fetched for it
+function sliceSource(ax) {
+  if (S.vol.data) {
+    const st = strides(S.vol.shape);
+    return { data: S.vol.data, base: S.cursor[ax.s] * st[ax.s], st };
+  }
+  const sl = S.vol.slices[`${ax.s}:${S.cursor[ax.s]}`];
+  if (!sl) { ensureSlice(ax.s, S.cursor[ax.s]); return null; }
+  return { data: sl, base: 0, st: sliceStrides(ax.s) };
+}
+
+// fetch one slice (before the whole volume has arrived), then draw again
+function ensureSlice(a, index) {
+  const key = `${a}:${index}`, vol = S.vol;
+  if (vol.data || vol.slices[key] || vol.pending[key]) return vol.pending[key];
+  vol.pending[key] = binary(`/api/sessions/${S.sid}/slice?axis=${a}&index=${index}`).then((msg) => {
+    const Typed = vol.dtype === "int16" ? Int16Array : Float32Array;
+    vol.slices[key] = new Typed(msg.payload);
+    delete vol.pending[key];
+    if (S.vol === vol && !vol.data) renderSlices();
+  }).catch(() => { delete vol.pending[key]; });
+  return vol.pending[key];
 }
 
 function segmentColour(id) {
@@ -113,7 +154,7 @@ function windowLut() {
   const [lo, hi] = S.window;
   const scale = 255 / Math.max(hi - lo, 1e-6);
   const grey = (v) => Math.max(0, Math.min(255, (v - lo) * scale)) | 0;
-  if (!(S.vol.data instanceof Int16Array)) return grey;
+  if (S.vol.dtype !== "int16") return grey;
   const key = `${lo},${hi}`;
   if (S.lutKey !== key) {
     S.lut = new Uint8Array(65536);
@@ -140,12 +181,15 @@ function render(name) {
   if (!vol) return;
   const ax = viewAxes(name), st = strides(vol.shape);
   const nx = vol.shape[ax.x], ny = vol.shape[ax.y];
+  const src = sliceSource(ax) || { data: new Int16Array(1), base: 0, st: [0, 0, 0] };
+  // offsets of the grey values (volume or slice) and of the mask (always the volume)
   const offX = new Int32Array(nx), offY = new Int32Array(ny);
-  for (let p = 0; p < nx; p++) offX[p] = flipIndex(ax.x, p) * st[ax.x];
-  for (let q = 0; q < ny; q++) offY[q] = flipIndex(ax.y, q) * st[ax.y];
-  const base = S.cursor[ax.s] * st[ax.s];
+  const mX = new Int32Array(nx), mY = new Int32Array(ny);
+  for (let p = 0; p < nx; p++) { const i = flipIndex(ax.x, p); offX[p] = i * src.st[ax.x]; mX[p] = i * st[ax.x]; }
+  for (let q = 0; q < ny; q++) { const i = flipIndex(ax.y, q); offY[q] = i * src.st[ax.y]; mY[q] = i * st[ax.y]; }
+  const base = src.base, mBase = S.cursor[ax.s] * st[ax.s];
   const img = new ImageData(nx, ny);
-  const px = img.data, data = vol.data, mask = S.mask, lut = windowLut();
+  const px = img.data, data = src.data, mask = S.mask, lut = windowLut();
   const table = typeof lut !== "function", offset = table ? 32768 : 0;
   const a = S.opacity, keep = 1 - a;
   const tint = [[0, 0, 0]];
@@ -153,11 +197,11 @@ function render(name) {
     tint.push(segmentColour(id).map((c) => c * a));
   let o = 0;
   for (let q = 0; q < ny; q++) {
-    const row = base + offY[q];
+    const row = base + offY[q], mRow = mBase + mY[q];
     for (let p = 0; p < nx; p++, o += 4) {
       const lin = row + offX[p];
       const v = table ? lut[data[lin] + offset] : lut(data[lin]);
-      const m = mask[lin];
+      const m = mask[mRow + mX[p]];
       if (m) {
         const t = tint[m] || tint[1];
         px[o] = v * keep + t[0]; px[o + 1] = v * keep + t[1]; px[o + 2] = v * keep + t[2];
@@ -456,16 +500,15 @@ function maskRequest(kind, path, body) {
 
 // ---------------------------------------------------------------- sessions
 
+// Opening: the image's geometry, the three slices through the centre (drawn at once),
+// then the whole volume in the background (progress in the info line).
 async function openSession(sid, t0) {
-  say("receiving the image\u2026", "busy");
-  const msg = await binary(`/api/sessions/${sid}/volume`, {}, (f) =>
-    say(`receiving the image\u2026 ${Math.round(100 * f)}%`, "busy"));
-  const h = msg.header;
-  const Typed = h.dtype === "int16" ? Int16Array : Float32Array;
+  say("reading the image\u2026", "busy");
+  const h = await (await api(`/api/sessions/${sid}/info`)).json();
   S.vol = {
     shape: h.shape, spacing: h.spacing_mm, axisWorld: h.axis_world, axisSign: h.axis_sign,
-    affine: h.affine,
-    data: new Typed(msg.payload), range: h.range, windows: h.windows,
+    affine: h.affine, dtype: h.dtype, data: null, slices: {}, pending: {},
+    range: h.range, windows: h.windows,
   };
   S.sid = sid; S.name = h.name;
   S.mask = new Uint8Array(h.shape[0] * h.shape[1] * h.shape[2]);
@@ -488,11 +531,29 @@ async function openSession(sid, t0) {
   $("image-info").textContent = `${h.name}: ${h.shape.join(" x ")} voxels, ${sp} mm`;
   showName(h.name);
   showSegments();
+  await Promise.all([0, 1, 2].map((a) => ensureSlice(a, S.cursor[a])));
   renderAll();
   await nextPaint();
   if (t0 !== undefined) S.openMs = performance.now() - t0;
   say("");
   S.updates += 1;
+  loadVolume(sid, S.vol);
+}
+
+async function loadVolume(sid, vol) {
+  const info = $("load-info");
+  try {
+    const msg = await binary(`/api/sessions/${sid}/volume`, {}, (f) => {
+      if (S.vol === vol) info.textContent = `receiving the voxels\u2026 ${Math.round(100 * f)}%`;
+    });
+    if (S.vol !== vol) return;
+    vol.data = new (vol.dtype === "int16" ? Int16Array : Float32Array)(msg.payload);
+    vol.slices = {};
+    info.textContent = "";
+    renderSlices();
+  } catch (e) {
+    if (S.vol === vol) info.textContent = `the voxels did not arrive: ${e.message}`;
+  }
 }
 
 // the image drop-down shows the open image, an upload included
@@ -573,7 +634,7 @@ function stepSlice(name, delta) {
 
 function hoverText(vox) {
   const v = voxelValue(vox);
-  const val = S.vol.data instanceof Int16Array ? `${v} HU` : `${v.toFixed(1)}`;
+  const val = v === null ? "" : S.vol.dtype === "int16" ? `${v} HU` : `${v.toFixed(1)}`;
   return `(${vox.join(", ")}) ${val}`;
 }
 
