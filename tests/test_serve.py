@@ -237,7 +237,9 @@ def test_volume_and_segment_messages(phantom_file):
     header, payload = unpack_message(volume_message(entry, s.dataset))
     given = np.asarray(nib.load(str(phantom_file)).dataobj)
     assert header["shape"] == list(given.shape) and header["dtype"] == "int16"
-    np.testing.assert_array_equal(np.frombuffer(payload, "<i2").reshape(given.shape), given)
+    assert header["order"] == "F"  # a NIfTI file's own order: no transposed copy
+    flat = np.frombuffer(payload, "<i2")
+    np.testing.assert_array_equal(flat.reshape(given.shape, order="F"), given)
     assert header["spacing_mm"] == pytest.approx([2.0, 2.5, 4.0])
     assert header["voxel_ml"] == pytest.approx(0.02)
     seg, box = entry.segments.click(1, (20, 18, 6), True)

@@ -186,7 +186,9 @@ def test_page_opens_the_served_phantom(page, served):
     assert "phantom.nii.gz" in page.inner_text("#image-info")
     # the voxels arrived unchanged (int16 HU)
     i, j, k = served["centres"][0]
-    value = page.evaluate(f"window.sam3d.vol.data[({i} * {shape[1]} + {j}) * {shape[2]} + {k}]")
+    order = page.evaluate("window.sam3d.vol.order")
+    lin = (i * shape[1] + j) * shape[2] + k if order == "C" else (k * shape[1] + j) * shape[0] + i
+    value = page.evaluate(f"window.sam3d.vol.data[{lin}]")
     assert value == int(np.rint(served["phantom"].image_hu[i, j, k]))
 
 

@@ -103,18 +103,21 @@ def display_axes(affine: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 def page_voxels(img: np.ndarray) -> tuple[np.ndarray, str, list[float]]:
-    """The voxels as the page takes them: C order, int16 when they are whole numbers in
-    range, else float32; with the data type's name and the value range."""
+    """The voxels as the page takes them: int16 when they are whole numbers in range, else
+    float32, little endian, in the array's own memory order (a NIfTI file's is Fortran:
+    no transposed copy of the volume); with the data type's name and the value range."""
     lo, hi = float(img.min()), float(img.max())
     in_range = lo >= -32768 and hi <= 32767
     if img.dtype.kind in "iub" and in_range:
-        data = np.ascontiguousarray(img, dtype="<i2")
+        data = img.astype("<i2", order="K", copy=False)
     elif img.dtype.kind == "f" and in_range:
-        data = np.ascontiguousarray(img, dtype="<i2")
+        data = img.astype("<i2", order="K")
         if not np.array_equal(data, img):
-            data = np.ascontiguousarray(img, dtype="<f4")
+            data = img.astype("<f4", order="K", copy=False)
     else:
-        data = np.ascontiguousarray(img, dtype="<f4")
+        data = img.astype("<f4", order="K", copy=False)
+    if not (data.flags.c_contiguous or data.flags.f_contiguous):
+        data = np.ascontiguousarray(data)
     return data, "int16" if data.dtype == np.int16 else "float32", [lo, hi]
 
 
@@ -159,15 +162,19 @@ def volume_header(entry: Entry, dataset: Mapping[str, Any]) -> dict[str, Any]:
         "axis_world": world,
         "axis_sign": sign,
         "range": v.value_range,
+        "order": "C" if v.data.flags.c_contiguous else "F",
         "windows": presets,
         "ready": entry.ready.is_set(),
     }
 
 
 def volume_message(entry: Entry, dataset: Mapping[str, Any]) -> bytes:
-    """The image voxels (int16 when they are whole numbers in range, else float32), C order."""
+    """The image voxels (int16 when they are whole numbers in range, else float32), in the
+    order the header names (``"C"``: k fastest; ``"F"``: i fastest)."""
     header = volume_header(entry, dataset)
-    return pack_message(header, memoryview(entry.image.data).cast("B"))
+    data = entry.image.data
+    raw = data if header["order"] == "C" else data.T  # .T of a Fortran array: C-contiguous
+    return pack_message(header, memoryview(raw).cast("B"))
 
 
 def slice_message(entry: Entry, axis: int, index: int) -> bytes:

@@ -85,6 +85,12 @@ const nextPaint = () => new Promise((r) => requestAnimationFrame(() => requestAn
 
 function strides(shape) { return [shape[1] * shape[2], shape[2], 1]; }
 
+// strides of the volume's voxels as they arrived (C: k fastest; F, a NIfTI file's: i fastest)
+function dataStrides() {
+  const n = S.vol.shape;
+  return S.vol.order === "F" ? [1, n[0], n[0] * n[1]] : strides(n);
+}
+
 function voxelAxis(world) { return S.vol.axisWorld.indexOf(world); }
 
 // screen position p along voxel axis a -> voxel index (and back: the same map)
@@ -98,8 +104,8 @@ function viewAxes(name) {
 // the value at voxel v, from the volume or from a slice holding v (null if neither is here)
 function voxelValue(v) {
   if (S.vol.data) {
-    const st = strides(S.vol.shape);
-    return S.vol.data[v[0] * st[0] + v[1] * st[1] + v[2]];
+    const st = dataStrides();
+    return S.vol.data[v[0] * st[0] + v[1] * st[1] + v[2] * st[2]];
   }
   for (let a = 0; a < 3; a++) {
     const sl = S.vol.slices[`${a}:${v[a]}`];
@@ -120,7 +126,7 @@ function sliceStrides(a) {
 // where render() reads the grey values of a view: the volume, or the slice fetched for it
 function sliceSource(ax) {
   if (S.vol.data) {
-    const st = strides(S.vol.shape);
+    const st = dataStrides();
     return { data: S.vol.data, base: S.cursor[ax.s] * st[ax.s], st };
   }
   const sl = S.vol.slices[`${ax.s}:${S.cursor[ax.s]}`];
@@ -507,7 +513,7 @@ async function openSession(sid, t0) {
   const h = await (await api(`/api/sessions/${sid}/info`)).json();
   S.vol = {
     shape: h.shape, spacing: h.spacing_mm, axisWorld: h.axis_world, axisSign: h.axis_sign,
-    affine: h.affine, dtype: h.dtype, data: null, slices: {}, pending: {},
+    affine: h.affine, dtype: h.dtype, order: h.order, data: null, slices: {}, pending: {},
     range: h.range, windows: h.windows,
   };
   S.sid = sid; S.name = h.name;
