@@ -182,7 +182,9 @@ def slice_message(entry: Entry, axis: int, index: int) -> bytes:
     shape = entry.image.data.shape
     if axis not in (0, 1, 2) or not 0 <= index < shape[axis]:
         raise Refusal(400, f"no slice {index} along axis {axis} (shape {list(shape)})")
-    plane = np.ascontiguousarray(np.take(entry.image.data, index, axis=axis))
+    where: list[Any] = [slice(None)] * 3
+    where[axis] = index
+    plane = np.ascontiguousarray(entry.image.data[tuple(where)])  # np.take: seconds on F order
     header = {"axis": axis, "index": index, "shape": list(plane.shape)}
     return pack_message(header, plane.tobytes())
 
