@@ -61,7 +61,15 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop clicking after this")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument(
+        "--open-steps",
+        action="store_true",
+        help="only time the server's opening steps in this process (no browser, no model)",
+    )
     args = ap.parse_args()
+    if args.open_steps:
+        open_steps(tuple(args.shape), tuple(args.spacing))
+        return
     if not Path(args.chromium).exists():
         raise SystemExit(f"no chromium at {args.chromium} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
@@ -176,6 +184,44 @@ def main() -> None:
         f"  full-volume Invertd / region inversion: "
         f"{parts['inversion, whole map (Invertd)'] / parts['inversion, decoded box']:.1f}x"
     )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_steps(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """The server's side of opening, step by step, against what opening did before."""
+    import nibabel as nib
+
+    from sam3d.data.io import load_image
+    from sam3d.serve.app import read_voxels, slice_message, volume_message
+    from sam3d.serve.sessions import Entry
+
+    ph = make_ct_phantom(0, shape_vox=shape, spacing_mm=spacing, orientation="RAS")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    path = tmp / "ct.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, path, np.int16)
+    print(f"volume: {shape} at {spacing} mm, {path.stat().st_size / 2**20:.0f} MiB gzip")
+
+    def timed(name, fn, n=2):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = fn()
+            ts.append(time.perf_counter() - t0)
+        print(f"  {name}: {min(ts):.2f} s (min of {n})", flush=True)
+        return r
+
+    v = timed("read_voxels (nibabel, int16 as stored)", lambda: read_voxels(path, "ct"))
+    raw = timed(
+        "  of which nibabel's gunzip + read", lambda: np.asanyarray(nib.load(str(path)).dataobj)
+    )
+    e = Entry("i", "ct", None, path, False, image=v)
+    timed(
+        "three slices through the centre (messages)",
+        lambda: [slice_message(e, a, n // 2) for a, n in enumerate(v.data.shape)],
+    )
+    timed("the whole volume message", lambda: volume_message(e, {"window_hu": [0, 1]}))
+    timed("before: a C-order copy for the page", lambda: np.ascontiguousarray(raw, "<i2"))
+    timed("before: load_image (MONAI), what opening read with", lambda: load_image(path), n=1)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
