@@ -622,3 +622,41 @@ def test_segments_keep_their_own_clicks_strokes_and_history():
         segs.undo(1)
     with pytest.raises(Sam3DError, match="outside"):
         segs.stroke(1, 0, [[25, 1, 1]], 2.0, erase=False)
+
+
+def test_voxels_are_served_while_a_click_waits_for_the_session(phantom_file):
+    """The page's voxels never wait behind a click that waits for preprocessing."""
+    from sam3d.inference import ClickSession
+    from sam3d.serve import create_app
+    from sam3d.serve.server import BackgroundServer
+
+    gate = threading.Event()
+
+    def slow_factory(model, path, dataset, device, growth):
+        gate.wait(60)
+        return ClickSession(model, path, dataset, device=device, growth=growth)
+
+    app = create_app(
+        BoxModel(), {"dataset": "kits"}, [phantom_file], device="cpu", session_factory=slow_factory
+    )
+    token = app.state.token
+    with BackgroundServer(app) as url:
+        status, body = _post(url + "/api/open", {"file": "small.nii.gz"}, token)
+        sid = json.loads(body)["session"]
+        answers = []
+        clicker = threading.Thread(
+            target=lambda: answers.append(
+                _post(url + f"/api/sessions/{sid}/click", {"point": [20, 18, 6]}, token)
+            )
+        )
+        clicker.start()
+        time.sleep(0.5)  # the click holds the session's lock, waiting for the build
+        assert clicker.is_alive()
+        t0 = time.monotonic()
+        for path in ("info", "slice?axis=2&index=5", "volume"):
+            with urllib.request.urlopen(url + f"/api/sessions/{sid}/{path}", timeout=30) as r:
+                assert r.status == 200
+        assert time.monotonic() - t0 < 10
+        gate.set()
+        clicker.join(60)
+        assert answers and answers[0][0] == 200

@@ -389,8 +389,10 @@ def create_app(
             raise
         return JSONResponse({"session": entry.id, "name": entry.name})
 
-    def with_session(sid: str, fn: Callable[[Entry], Response]) -> Response:
+    def with_session(sid: str, fn: Callable[[Entry], Response], lock: bool = True) -> Response:
         try:
+            if not lock:  # the voxels only: never blocked by a click waiting for the session
+                return fn(store.peek(sid))
             with store.use(sid) as entry:
                 return fn(entry)
         except UnknownSession:
@@ -400,7 +402,7 @@ def create_app(
         def answer(entry: Entry) -> Response:
             return JSONResponse(volume_header(entry, dataset))
 
-        return await run_in_threadpool(with_session, request.path_params["sid"], answer)
+        return await run_in_threadpool(with_session, request.path_params["sid"], answer, False)
 
     async def one_slice(request: Request) -> Response:
         q = request.query_params
@@ -412,7 +414,7 @@ def create_app(
         def answer(entry: Entry) -> Response:
             return _binary(slice_message(entry, axis, index), request, compress=False)
 
-        return await run_in_threadpool(with_session, request.path_params["sid"], answer)
+        return await run_in_threadpool(with_session, request.path_params["sid"], answer, False)
 
     async def volume(request: Request) -> Response:
         def send(entry: Entry) -> Response:
@@ -420,7 +422,7 @@ def create_app(
             response.background = BackgroundTask(entry.go.set)  # once the page has them
             return response
 
-        return await run_in_threadpool(with_session, request.path_params["sid"], send)
+        return await run_in_threadpool(with_session, request.path_params["sid"], send, False)
 
     async def edit(request: Request, body_type: type[schema.M], action: Callable) -> Response:
         body = await json_body(request, body_type)

@@ -185,6 +185,16 @@ class SessionStore:
         with self._lock:
             self._evict(keep=keep)
 
+    def peek(self, sid: str) -> Entry:
+        """The entry ``sid`` without its lock: for reading what never changes (its voxels)
+        while a click may be waiting for the session."""
+        self.expire()
+        entry = self._entries.get(sid)
+        if entry is None:
+            raise UnknownSession(sid)
+        entry.last_used = self.clock()
+        return entry
+
     def expire(self) -> list[str]:
         """Drop entries idle longer than ``ttl_s``; returns their ids."""
         now = self.clock()
