@@ -660,3 +660,16 @@ def test_voxels_are_served_while_a_click_waits_for_the_session(phantom_file):
         gate.set()
         clicker.join(60)
         assert answers and answers[0][0] == 200
+
+
+def test_cli_passes_the_network_options(tmp_path, monkeypatch):
+    import sam3d.serve.server
+    from sam3d.cli import main
+
+    seen = {}
+    monkeypatch.setattr(
+        sam3d.serve.server, "run_server", lambda images, checkpoint, **kw: seen.update(kw)
+    )
+    argv = ["serve", "--allow-host", "ct.lan", "--allow-host", "ct2.lan", "--max-image-mb", "100"]
+    assert main(argv) in (0, None)
+    assert seen["allow_hosts"] == ["ct.lan", "ct2.lan"] and seen["max_image_mb"] == 100.0
