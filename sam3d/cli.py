@@ -188,6 +188,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         growth=_growth(args),
         max_upload_mb=args.max_upload_mb,
         max_memory_gb=args.max_memory_gb,
+        allow_hosts=args.allow_host,
+        max_image_mb=args.max_image_mb,
     )
 
 
@@ -376,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
     p.add_argument(
         "--max-memory-gb", type=float, default=8.0, help="memory for open images and features"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=1024.0,
+        help="largest image accepted, decompressed (its header's shape x data type)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the browser may use besides the listening address (repeatable)",
     )
     _add_growth_args(p)
     p.set_defaults(func=_cmd_serve)

@@ -1,9 +1,12 @@
-"""Benchmark the viewer: from a click in the page to the overlay drawn, measured in the browser.
+"""Benchmark the viewer: opening an image and clicks in the page, measured in the browser.
 
 Writes a synthetic CT (``make_ct_phantom``, 512x512x200 at 0.7x0.7x1 mm by default) to a
 temporary folder, serves it with ``sam3d.serve.create_app`` on 127.0.0.1 (a thread of
 this process), opens the page in headless chromium (Playwright, Debian's browser) and
-clicks on the tumour in the axial view with the mouse. For every click the page
+clicks on the tumour in the axial view with the mouse. Opening: from the page's request
+to the first slices drawn (``window.sam3d.openMs``: open, voxels received with progress,
+three views drawn; the session's preprocessing runs after, in a thread, and the first
+click waits for it). For every click the page
 records ``performance.now()`` from the mouse event to two animation frames after the
 overlay was drawn; the server reports its own time for the click (prompt, decode,
 stitch, inversion to the original grid, packing). The first click also encodes its
@@ -58,7 +61,15 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop clicking after this")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument(
+        "--open-steps",
+        action="store_true",
+        help="only time the server's opening steps in this process (no browser, no model)",
+    )
     args = ap.parse_args()
+    if args.open_steps:
+        open_steps(tuple(args.shape), tuple(args.spacing))
+        return
     if not Path(args.chromium).exists():
         raise SystemExit(f"no chromium at {args.chromium} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
@@ -106,10 +117,21 @@ def main() -> None:
         t0 = time.perf_counter()
         page.goto(url)
         page.wait_for_function("window.sam3d.vol !== null && window.sam3d.updates >= 1")
+        wall = time.perf_counter() - t0
+        open_ms = page.evaluate("window.sam3d.openMs")
         print(
-            f"page open + image load (preprocessing, {n_vox * 2 / 2**20:.0f} MiB of voxels): "
-            f"{time.perf_counter() - t0:.1f} s"
+            f"open -> first slices drawn (three slices through the centre): "
+            f"{open_ms / 1000:.2f} s in the page ({wall:.2f} s from page load)"
         )
+        page.wait_for_function("window.sam3d.vol.data !== null")
+        print(
+            f"  all {n_vox * 2 / 2**20:.0f} MiB of int16 voxels in the page: "
+            f"{time.perf_counter() - t0:.2f} s from page load"
+        )
+        entry = next(iter(app.state.store._entries.values()))
+        t1 = time.perf_counter()
+        entry.ready.wait(args.max_seconds)
+        print(f"  session preprocessing finished {time.perf_counter() - t1:.1f} s after that")
         for n in range(n_clicks):
             if time.monotonic() - start > args.max_seconds:
                 print(f"stopped after {n} clicks: --max-seconds {args.max_seconds} reached")
@@ -123,8 +145,7 @@ def main() -> None:
         timings = [t for t in page.evaluate("window.sam3d.timings") if t["kind"] == "click"]
         message = page.inner_text("#message")
         browser.close()
-        entry = next(iter(app.state.store._entries.values()))  # before shutdown closes it
-        parts = server_breakdown(entry, repeats=3)
+        parts = server_breakdown(entry, repeats=3)  # before shutdown closes the entry
     if message:
         print(f"page message: {message}")
     if not timings:
@@ -166,10 +187,48 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_steps(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """The server's side of opening, step by step, against what opening did before."""
+    import nibabel as nib
+
+    from sam3d.data.io import load_image
+    from sam3d.serve.app import read_voxels, slice_message, volume_message
+    from sam3d.serve.sessions import Entry
+
+    ph = make_ct_phantom(0, shape_vox=shape, spacing_mm=spacing, orientation="RAS")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    path = tmp / "ct.nii.gz"
+    save_nifti(ph.image_hu, ph.affine, path, np.int16)
+    print(f"volume: {shape} at {spacing} mm, {path.stat().st_size / 2**20:.0f} MiB gzip")
+
+    def timed(name, fn, n=2):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = fn()
+            ts.append(time.perf_counter() - t0)
+        print(f"  {name}: {min(ts):.2f} s (min of {n})", flush=True)
+        return r
+
+    v = timed("read_voxels (nibabel, int16 as stored)", lambda: read_voxels(path, "ct"))
+    raw = timed(
+        "  of which nibabel's gunzip + read", lambda: np.asanyarray(nib.load(str(path)).dataobj)
+    )
+    e = Entry("i", "ct", None, path, False, image=v)
+    timed(
+        "three slices through the centre (messages)",
+        lambda: [slice_message(e, a, n // 2) for a, n in enumerate(v.data.shape)],
+    )
+    timed("the whole volume message", lambda: volume_message(e, {"window_hu": [0, 1]}))
+    timed("before: a C-order copy for the page", lambda: np.ascontiguousarray(raw, "<i2"))
+    timed("before: load_image (MONAI), what opening read with", lambda: load_image(path), n=1)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def server_breakdown(entry, repeats: int = 3) -> dict[str, float]:
     """Time the steps of a further click on the open session (same clicks, features cached)."""
     from sam3d.inference.grid import invert_region_to_original, invert_to_original
-    from sam3d.serve.app import mask_message
+    from sam3d.serve.app import segment_message
 
     s = entry.session
     grid = torch.as_tensor(s._grid_points(s.points_vox), dtype=torch.float32)
@@ -195,8 +254,12 @@ def server_breakdown(entry, repeats: int = 3) -> dict[str, float]:
         args = (prob, s.grid_image.affine, s.original_affine, s.original_shape, lo, hi)
         timed("inversion, decoded box", invert_region_to_original, *args)
         timed("inversion, whole map (Invertd)", full_inversion, prob)
-        mask = s.mask_numpy()
-        timed("mask message (box, bits, volume)", mask_message, entry, mask, 0.0)
+        segs = entry.segments
+        seg = segs.items[segs.active]
+        timed("model mask -> compact (box pass over the volume)", segs._model_from_session, seg)
+        timed("segment compose (model mask + strokes, box)", segs._compose, seg)
+        box = seg.final.box
+        timed("segment message (changed box, bits)", segment_message, entry, seg, box, 0.0)
     return {k: statistics.median(v) for k, v in out.items()}
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 
-def pack_message(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """``uint32 len`` + JSON header + payload."""
+def pack_message(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    """``uint32 len`` + JSON header + payload (one copy of the payload)."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    return struct.pack("<I", len(head)) + head + payload
+    return b"".join((struct.pack("<I", len(head)), head, payload))
 
 
 def unpack_message(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -32,9 +32,11 @@ def unpack_message(data: bytes) -> tuple[dict[str, Any], bytes]:
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
     """Half-open bounding box ``(i0, j0, k0, i1, j1, k1)`` of a 3D mask; zeros if empty.
 
-    One pass over the whole volume (along i); the other two axes look only at the slab.
+    One pass over the whole volume (rows of a C-contiguous mask as flat lines, which numpy
+    reduces several times faster than ``any(axis=(1, 2))``); the other two axes look only
+    at the slab.
     """
-    rows = np.flatnonzero(mask.any(axis=(1, 2)))
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
     if len(rows) == 0:
         return (0, 0, 0, 0, 0, 0)
     i0, i1 = int(rows[0]), int(rows[-1]) + 1

@@ -14,6 +14,28 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEMO_DIR = Path("demo_out")
 
 
+def http_protocol() -> type:
+    """uvicorn's h11 protocol, plus a deadline for the first request on a connection.
+
+    uvicorn closes an idle *kept-alive* connection after ``timeout_keep_alive`` but waits
+    forever for the first request's headers; this closes a connection that has not
+    started a request within the same time (a client that connects and stays silent, or
+    sends its headers a byte at a time). Slow bodies are cut by the app (408).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(self.timeout_keep_alive, self._no_request_yet)
+
+        def _no_request_yet(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def demo_inputs(demo_dir: Path = DEMO_DIR) -> tuple[Path, list[Path]]:
     """The checkpoint and held-out phantoms that ``sam3d demo`` wrote into ``demo_dir``."""
     checkpoint = demo_dir / "kits_bundle_run" / "models" / "model.pt"
@@ -48,12 +70,21 @@ def run_server(
     max_sessions: int = 8,
     max_memory_gb: float = 8.0,
     session_ttl_min: float = 60.0,
+    allow_hosts: Sequence[str] = (),
+    idle_timeout_s: float = 5.0,
+    max_image_mb: float = 1024.0,
 ) -> None:
-    """Serve the viewer until interrupted (prints the address first)."""
+    """Serve the viewer until interrupted (prints the address first).
+
+    The page answers only to the listening address, the loopback names and
+    ``allow_hosts`` (the ``Host`` header; see :mod:`sam3d.serve.guard`); an idle
+    keep-alive connection is closed after ``idle_timeout_s``.
+    """
     import uvicorn
 
     from sam3d.inference import load_model_for_inference
     from sam3d.serve.app import create_app
+    from sam3d.serve.guard import default_allowed_hosts
     from sam3d.serve.sessions import SessionStore
 
     if checkpoint is None:
@@ -79,6 +110,8 @@ def run_server(
         growth=growth,
         max_upload_mb=max_upload_mb,
         store=store,
+        allowed_hosts=sorted(default_allowed_hosts(host, allow_hosts)),
+        max_image_mb=max_image_mb,
     )
     if host not in LOOPBACK:
         print(
@@ -90,7 +123,14 @@ def run_server(
     print(f"sam3d serve: {len(images)} image(s), model {checkpoint}")
     print(f"sam3d serve: open http://{shown}:{port}/ in a browser (Ctrl+C stops)", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=idle_timeout_s,
+            http=http_protocol(),
+        )
     except OSError as e:  # port in use, permission denied
         raise Sam3DError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
@@ -102,10 +142,23 @@ class BackgroundServer:
     ...     ...
     """
 
-    def __init__(self, app: Any, port: int = 0, start_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        port: int = 0,
+        start_timeout_s: float = 30.0,
+        idle_timeout_s: float = 5.0,
+    ) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=idle_timeout_s,
+            http=http_protocol(),
+        )
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
         self.thread: Any = None
