@@ -149,6 +149,17 @@ def _tumour_label(preset: dict, key: str = "label") -> list:
     ]
 
 
+# the random transforms of the training chain: ours, and 3DSAM-adapter's (base_dataset.py
+# lines 242-248 zoom p 0.8 in 0.85-1.25, lines 272-275 flips and rot90 p 0.5)
+AUGMENTATION = {"zoom_prob": 0.3, "zoom_range": (0.9, 1.1), "flip_prob": 0.2, "rot90_prob": 0.2}
+REFERENCE_AUGMENTATION = {
+    "zoom_prob": 0.8,
+    "zoom_range": (0.85, 1.25),
+    "flip_prob": 0.5,
+    "rot90_prob": 0.5,
+}
+
+
 def train_transforms(
     preset: dict,
     crop_size: int,
@@ -156,8 +167,19 @@ def train_transforms(
     n_neg: int = 20,
     samples_per_volume: int = 1,
     vary_clicks: bool = True,
+    augmentation: dict | None = None,
 ) -> Compose:
-    """The training chain: cached deterministic part, then random crops/augmentations/clicks."""
+    """The training chain: cached deterministic part, then random crops/augmentations/clicks.
+
+    ``augmentation`` overrides the random transforms' settings (``AUGMENTATION``'s keys);
+    ``REFERENCE_AUGMENTATION`` is 3DSAM-adapter's (``dataset/base_dataset.py``).
+    """
+    aug = {**AUGMENTATION, **(augmentation or {})}
+    unknown = set(aug) - set(AUGMENTATION)
+    if unknown:
+        raise Sam3DError(
+            f"unknown augmentation settings {sorted(unknown)}; use {sorted(AUGMENTATION)}"
+        )
     pre = pre_crop_size(crop_size)
     air = air_value(preset)
     return Compose(
@@ -179,17 +201,19 @@ def train_transforms(
             ),  # fmt: skip
             RandZoomd(
                 keys=["image", "label"],
-                prob=0.3,
-                min_zoom=0.9,
-                max_zoom=1.1,
+                prob=aug["zoom_prob"],
+                min_zoom=aug["zoom_range"][0],
+                max_zoom=aug["zoom_range"][1],
                 mode=["trilinear", "nearest"],
                 keep_size=True,
             ),  # fmt: skip
             RandSpatialCropd(keys=["image", "label"], roi_size=[crop_size] * 3, random_size=False),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=0.2, spatial_axis=2),
-            RandRotate90d(keys=["image", "label"], prob=0.2, max_k=3, spatial_axes=(0, 1)),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=1),
+            RandFlipd(keys=["image", "label"], prob=aug["flip_prob"], spatial_axis=2),
+            RandRotate90d(
+                keys=["image", "label"], prob=aug["rot90_prob"], max_k=3, spatial_axes=(0, 1)
+            ),
             RandShiftIntensityd(keys="image", offsets=20.0 / float(preset["std"]), prob=0.5),
             RandSimulateClicksd(keys="label", n_pos=n_pos, n_neg=n_neg, vary_count=vary_clicks),
             EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=True),
