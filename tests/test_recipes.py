@@ -51,6 +51,9 @@ def test_soft_skeleton_reaches_a_band_centre_one_erosion_before_seglab():
     expected = torch.zeros_like(band)
     expected[..., 4, :] = 1
     assert torch.equal(skel, expected)
+    # a 1-px line opens to nothing: its skeleton is itself, from the first opening alone
+    line = expected.clone()
+    assert torch.equal(soft_skeleton(line, 0), line)
 
 
 def _vessel(pred_row: float, band: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
