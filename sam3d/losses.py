@@ -72,9 +72,15 @@ class SoftClDiceLoss(torch.nn.Module):
         include_background: with several channels, keep channel 0. Ignored for one
             channel, which is always the foreground.
         to_onehot_y: the target is ``B x 1`` labels to one-hot into C channels.
+        per_image: False (default): sums over the whole batch, ``smooth`` added to every
+            numerator and denominator (the clDice paper's code). True: TopoLoRA-SAM's
+            (Seglab's ``cldice_loss``): Tprec / Tsens per image with ``smooth`` in their
+            denominators only, ``(2 Tprec Tsens + smooth) / (Tprec + Tsens + smooth)``,
+            ``1 -`` its mean over the batch (give ``smooth=1e-6`` for the reference's).
 
     Input ``B x C x spatial``; target ``B x C x spatial`` or ``B x 1 x spatial``.
-    Sums run over the whole batch (as the reference implementation).
+    ``iterations`` counts the erosions after the first opening: ours with ``k`` equals
+    Seglab's ``soft_skeletonize`` with ``k + 1`` (its loop opens before it erodes).
     """
 
     def __init__(
@@ -85,10 +91,12 @@ class SoftClDiceLoss(torch.nn.Module):
         softmax: bool = False,
         include_background: bool = False,
         to_onehot_y: bool = False,
+        per_image: bool = False,
     ) -> None:
         super().__init__()
         if sigmoid and softmax:
             raise Sam3DError("SoftClDiceLoss: choose sigmoid or softmax, not both.")
+        self.per_image = bool(per_image)
         self.iterations = iterations
         self.smooth = smooth
         self.sigmoid = sigmoid
@@ -114,6 +122,12 @@ class SoftClDiceLoss(torch.nn.Module):
             p, t = p[:, 1:], t[:, 1:]
         skel_p = soft_skeleton(p, self.iterations)
         skel_t = soft_skeleton(t, self.iterations)
+        if self.per_image:
+            dims = tuple(range(1, p.ndim))
+            eps = self.smooth
+            tprec = (skel_p * t).sum(dims) / (skel_p.sum(dims) + eps)
+            tsens = (skel_t * p).sum(dims) / (skel_t.sum(dims) + eps)
+            return 1.0 - ((2.0 * tprec * tsens + eps) / (tprec + tsens + eps)).mean()
         tprec = ((skel_p * t).sum() + self.smooth) / (skel_p.sum() + self.smooth)
         tsens = ((skel_t * p).sum() + self.smooth) / (skel_t.sum() + self.smooth)
         return 1.0 - 2.0 * tprec * tsens / (tprec + tsens)
@@ -123,6 +137,8 @@ class BCEDiceClDiceLoss(torch.nn.Module):
     """``w_bce * BCE + w_dice * soft Dice + lambda_cldice * soft clDice`` on sigmoid logits.
 
     Input: logits ``B x 1 x spatial``; target: ``B x 1 x spatial`` in {0, 1}.
+    ``iterations``, ``smooth``, ``per_image``: :class:`SoftClDiceLoss`'s (TopoLoRA-SAM's
+    own: 9, 1e-6, True; see docs/REFERENCES.md).
     """
 
     def __init__(
@@ -132,13 +148,16 @@ class BCEDiceClDiceLoss(torch.nn.Module):
         lambda_dice: float = 1.0,
         iterations: int = 10,
         smooth: float = 1.0,
+        per_image: bool = False,
     ) -> None:
         super().__init__()
         self.lambda_cldice = lambda_cldice
         self.lambda_bce = lambda_bce
         self.lambda_dice = lambda_dice
         self.dice = DiceLoss(sigmoid=True)
-        self.cldice = SoftClDiceLoss(iterations=iterations, smooth=smooth, sigmoid=True)
+        self.cldice = SoftClDiceLoss(
+            iterations=iterations, smooth=smooth, sigmoid=True, per_image=per_image
+        )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         t = target.to(input.dtype)
@@ -154,22 +173,41 @@ class BCEDiceLoss(torch.nn.Module):
 
     SAMUS's loss (0.2 BCE with ``pos_weight`` 2 + 0.8 Dice). Input: logits
     ``B x K x spatial`` (one channel per prompted structure); target alike in {0, 1}.
-    Dice is per case and channel, then averaged (MONAI's ``DiceLoss``).
+
+    ``dice``: ``"per_case"`` (default): per case and channel, then averaged (MONAI's
+    ``DiceLoss``); ``"batch_squared"``: SAMUS's ``MaskDiceLoss``, one Dice over the whole
+    batch with squared denominators, ``1 - (2 sum(p t) + 1e-5) / (sum(p^2) + sum(t^2) +
+    1e-5)``. A target larger than the logits (the reference's 128 x 128 low-res logits
+    against a full-size mask) is resized to them first, nearest as PIL does.
     """
 
     def __init__(
-        self, lambda_bce: float = 0.2, lambda_dice: float = 0.8, pos_weight: float = 2.0
+        self,
+        lambda_bce: float = 0.2,
+        lambda_dice: float = 0.8,
+        pos_weight: float = 2.0,
+        dice: str = "per_case",
     ) -> None:
         super().__init__()
+        if dice not in ("per_case", "batch_squared"):
+            raise Sam3DError(f"dice must be 'per_case' or 'batch_squared', got {dice!r}")
         self.lambda_bce, self.lambda_dice = float(lambda_bce), float(lambda_dice)
-        self.pos_weight = float(pos_weight)
+        self.pos_weight, self.dice_mode = float(pos_weight), dice
         self.dice = DiceLoss(sigmoid=True)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         t = target.to(input.dtype)
+        if t.shape[2:] != input.shape[2:]:
+            t = F.interpolate(t, size=tuple(input.shape[2:]), mode="nearest-exact")
         pw = torch.tensor(self.pos_weight, dtype=input.dtype, device=input.device)
         bce = F.binary_cross_entropy_with_logits(input, t, pos_weight=pw)
-        return self.lambda_bce * bce + self.lambda_dice * self.dice(input, t)
+        if self.dice_mode == "batch_squared":
+            p = torch.sigmoid(input)
+            smooth = 1e-5
+            dice = 1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
+        else:
+            dice = self.dice(input, t)
+        return self.lambda_bce * bce + self.lambda_dice * dice
 
 
 class DeSAMLoss(torch.nn.Module):

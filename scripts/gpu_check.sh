@@ -12,7 +12,8 @@
 #
 # Steps: the CUDA tests (pytest -k cuda: every test that needs a GPU has "cuda" in its name
 # and skips without one), then scripts/bench_model.py, bench_inference.py, bench_metrics.py,
-# bench_topolora.py, bench_train_phantoms.py (a short budget), and bench_samus.py,
+# bench_topolora.py, bench_train_phantoms.py (a short budget), each system's reference
+# recipe through its bundle (recipe_kits / _retina / _echo / _prostate), bench_samus.py,
 # bench_desam.py, bench_serve.py when they exist (a missing script is recorded as
 # "missing", not an error). Each step has its own time limit; its exit code, seconds,
 # JSON figures (scripts with --json / --out) and the tail of its output go into
@@ -91,6 +92,28 @@ if [[ "$MODE" == gpu ]]; then
     optional bench_samus scripts/bench_samus.py 60 --device cuda
     optional bench_desam scripts/bench_desam.py 60 memory --device cuda
     optional bench_serve scripts/bench_serve.py 60 --device cuda --max-seconds 40
+    # each system's seed setting through its bundle with the REFERENCE recipe
+    # (bundles/<name>/reference.json, docs/REFERENCES.md section 7) at the real input
+    # sizes, then our default with the same seed and budget (scripts/bench_recipes.py);
+    # SAM weights from $SAM_VIT_B when set (random otherwise)
+    SAM_ARGS=()
+    [[ -n "${SAM_VIT_B:-}" ]] && SAM_ARGS=(--sam-checkpoint "$SAM_VIT_B")
+    run recipe_kits 120 "" "$PY" -m monai.bundle run \
+        --config_file "['bundles/kits/train.json','bundles/kits/reference.json']" \
+        --bundle_root "$OUT/recipe_kits" --preset vit_b --max_epochs 2 --phantom_cases 6 \
+        --num_workers 2 --mlflow_enabled false --resume false \
+        ${SAM_VIT_B:+--sam_checkpoint "$SAM_VIT_B"}
+    run recipe_retina 120 "$OUT/recipe_retina.json" "$PY" scripts/bench_recipes.py \
+        --bundle retina --recipes reference default --preset vit_b --image-size 1024 \
+        --size 512 --cases 10 --epochs 2 --reference-scoring "${SAM_ARGS[@]}" \
+        --json "$OUT/recipe_retina.json"
+    run recipe_echo 120 "$OUT/recipe_echo.json" "$PY" scripts/bench_recipes.py \
+        --bundle echo --recipes reference default --preset vit_b --size 256 --cases 20 \
+        --epochs 3 "${SAM_ARGS[@]}" --json "$OUT/recipe_echo.json"
+    run recipe_prostate 150 "$OUT/recipe_prostate.json" "$PY" scripts/bench_recipes.py \
+        --bundle prostate --recipes reference default --preset vit_b --image-size 1024 \
+        --size 256 --cases 3 --epochs 3 --eval-mode grid --reference-scoring "${SAM_ARGS[@]}" \
+        --json "$OUT/recipe_prostate.json"
     # the CPU headline row of docs/BENCHMARKS.md (DeSAM cross-site), on the GPU (last:
     # the longest optional step; a run cut short loses only it)
     optional bench_desam_sites scripts/bench_desam.py 150 sites --device cuda --preset tiny \
@@ -123,6 +146,10 @@ else
         "$PY" scripts/bench_train_phantoms.py --device cpu --preset tiny --budget-s 4 \
         --checkpoints-s 2 4 --n-cases 5 --shape 40 40 24 --spacing 1.5 1.5 2.0 \
         --num-workers 0 --models sam3d unet_clicks --out "$OUT/train_phantoms"
+    # the reference recipe's path through a bundle (tiny, random SAM, one epoch)
+    run recipe_echo 300 "$OUT/recipe_echo.json" "$PY" scripts/bench_recipes.py \
+        --bundle echo --recipes reference --preset tiny --size 64 --cases 5 --epochs 1 \
+        --device cpu --json "$OUT/recipe_echo.json"
     for s in samus desam serve; do
         optional "bench_$s" "scripts/bench_$s.py" 60 --help
     done

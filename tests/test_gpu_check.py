@@ -25,7 +25,7 @@ def test_gpu_check_cpu_smoke_writes_every_step_into_one_json(tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], report["failed"])
     steps = report["steps"]
     expected = {"cuda_tests", "bench_model", "bench_inference", "bench_metrics",
-                "bench_topolora", "bench_train_phantoms"}  # fmt: skip
+                "bench_topolora", "bench_train_phantoms", "recipe_echo"}  # fmt: skip
     assert expected <= set(steps) and report["mode"] == "cpu-smoke"
     assert all(steps[name]["status"] == "ok" for name in expected)
     # scripts that write JSON have their figures inside the one report
@@ -33,6 +33,8 @@ def test_gpu_check_cpu_smoke_writes_every_step_into_one_json(tmp_path):
     curves = steps["bench_train_phantoms"]["figures"]["models"]
     assert set(curves) == {"sam3d", "unet_clicks"}
     assert [p["budget_s"] for p in curves["sam3d"]["curve"]] == [2.0, 4.0]
+    # the reference recipe ran through the echo bundle and was scored
+    assert [r["recipe"] for r in steps["recipe_echo"]["figures"]["rows"]] == ["reference"]
     # benchmarks of other changes are optional: present and run, or recorded as missing
     for name in ("bench_samus", "bench_desam", "bench_serve"):
         script = REPO / "scripts" / f"{name}.py"

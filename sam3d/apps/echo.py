@@ -1,5 +1,6 @@
 """The echo (SAMUS) bundle's glue: datalists (phantoms when empty), per-structure metrics,
-the refinement-click inferer, and label maps from per-structure predictions.
+the refinement-click inferer, the reference recipe's low-res inferer, and label maps from
+per-structure predictions.
 
 Layouts and pairing: :mod:`sam3d.data.planar`; splits: :mod:`sam3d.data.splits`;
 clicks: :mod:`sam3d.data.clicks`.
@@ -185,6 +186,16 @@ class RefineClickInferer(Inferer):
         points = torch.cat([points, extra.to(points.device)], dim=2)
         point_labels = torch.cat([point_labels, extra_labels.to(point_labels.device)], dim=2)
         return network(inputs, *args, points=points, point_labels=point_labels, **kwargs)
+
+
+class LowResInferer(Inferer):
+    """The network's low-res logits (``low_res=True``: SAMUS's 128 x 128 at 256), what
+    the reference recipe trains on (``BCEDiceLoss`` resizes the mask to them)."""
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        return network(inputs, *args, low_res=True, **kwargs)
 
 
 class StructuresToLabeld(MapTransform):

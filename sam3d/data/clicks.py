@@ -373,7 +373,9 @@ class RandStructureClicksd(Randomizable, MapTransform):
     """Training clicks: one random positive per structure (the seed's recipe).
 
     Uniform over each channel's pixels, from MONAI's seeded ``R``; outputs as
-    :class:`StructureClicksd` with N = 1 (-1 padding for an empty channel).
+    :class:`StructureClicksd` with N = 1. For a structure absent from the image,
+    ``absent="pad"`` (default) gives a -1 padding click; ``"background"`` a negative click
+    (label 0) uniform over the pixels outside it, as SAMUS's ``random_click``.
     """
 
     def __init__(
@@ -382,11 +384,14 @@ class RandStructureClicksd(Randomizable, MapTransform):
         points_key: str = "points",
         labels_key: str = "point_labels",
         allow_missing_keys: bool = False,
+        absent: str = "pad",
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError("click simulation reads exactly one label key")
-        self.points_key, self.labels_key = points_key, labels_key
+        if absent not in ("pad", "background"):
+            raise ValueError(f"absent must be 'pad' or 'background', got {absent!r}")
+        self.points_key, self.labels_key, self.absent = points_key, labels_key, absent
 
     def randomize(self, data: Any = None) -> None:  # the draw itself uses self.R
         pass
@@ -401,6 +406,8 @@ class RandStructureClicksd(Randomizable, MapTransform):
             drawn = _draw(masks[c], 1, self.R)
             if len(drawn):
                 points[c, 0], labels[c, 0] = drawn[0], 1
+            elif self.absent == "background":
+                points[c, 0], labels[c, 0] = _draw(~masks[c].astype(bool), 1, self.R)[0], 0
         d[self.points_key] = torch.from_numpy(points)
         d[self.labels_key] = torch.from_numpy(labels)
         return d

@@ -175,6 +175,24 @@ def _tumour_label(preset: dict, key: str = "label") -> list:
     ]
 
 
+# the random transforms of the training chain: ours, and 3DSAM-adapter's (base_dataset.py
+# lines 242-248 zoom p 0.8 in 0.85-1.25, lines 272-275 flips and rot90 p 0.5)
+# 3DSAM-adapter's augmentation (``dataset/base_dataset.py``, kits): zoom p 0.8 in
+# 0.85-1.25, flips and rot90 p 0.5, an intensity shift; no rotation (pancreas and colon
+# only), no scale, gamma, noise or blur. Overrides of AUGMENTATION's keys.
+REFERENCE_AUGMENTATION: dict[str, Any] = {
+    "zoom_prob": 0.8,
+    "zoom_range": (0.85, 1.25),
+    "flip_prob": 0.5,
+    "rot90_prob": 0.5,
+    "rotate_prob": 0.0,
+    "scale_prob": 0.0,
+    "gamma_prob": 0.0,
+    "noise_prob": 0.0,
+    "smooth_prob": 0.0,
+}
+
+
 def train_transforms(
     preset: dict,
     crop_size: int,
@@ -184,6 +202,7 @@ def train_transforms(
     vary_clicks: bool = True,
     click_training: str = "reference",
     instance_key: str | None = None,
+    augmentation: dict | None = None,
 ) -> Compose:
     """The training chain: cached deterministic part, then random crops/augmentations/clicks.
 
@@ -192,16 +211,22 @@ def train_transforms(
     3 times. ``"interactive"``: one positive click on a tumour voxel and the label kept to
     the clicked lesion (the target is the object under the click), crops always centred on
     tumour; :class:`~sam3d.engine.interactive.InteractiveClickInferer` adds the correction
-    clicks. Augmentation (:data:`AUGMENTATION`) is the same in both. With ``instance_key``
+    clicks. Augmentation (:data:`AUGMENTATION`, with ``augmentation``'s overrides of its keys;
+    :data:`REFERENCE_AUGMENTATION` is 3DSAM-adapter's) is the same in both. With ``instance_key``
     (an instance map, e.g. the ``synth`` phantoms' ``instance``) the interactive target is
     the clicked instance, so a lesion touching another is a target alone.
     """
     from sam3d.engine.interactive import click_training_mode
 
     interactive = click_training_mode(click_training) == "interactive"
+    aug = {**AUGMENTATION, **(augmentation or {})}
+    unknown = set(aug) - set(AUGMENTATION)
+    if unknown:
+        raise Sam3DError(
+            f"unknown augmentation settings {sorted(unknown)}; use {sorted(AUGMENTATION)}"
+        )
     pre = pre_crop_size(crop_size)
     air = air_value(preset)
-    aug = AUGMENTATION
     inst = [instance_key] if instance_key else []
     spatial = ["image", "label", *inst]
     if interactive:

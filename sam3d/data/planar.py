@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.data import PILWriter
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
 from sam3d.data.splits import complete_splits
@@ -265,6 +265,69 @@ class ToUnitGreyd(MapTransform):
             x = img.float()
             x = x.mean(0, keepdim=True) if c == 3 else x
             d[key] = x / (1.0 if img.dtype == torch.bool else 255.0)
+        return d
+
+
+class RandInverseGammad(RandomizableTransform, MapTransform):
+    """SAMUS's gamma augmentation on ``[0, 1]`` grey images: with probability ``prob``,
+    ``x ** (1 / g)`` with ``g`` drawn from ``{1.0, 1.1, ..., 2.4}`` (``randint(10, 25) /
+    10``), then truncated to 8 bits as the reference's ``astype(np.uint8)`` does.
+    (MONAI's ``RandAdjustContrastd`` draws the exponent itself uniformly and rescales by
+    the image's own range.)"""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.5, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.g = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.g = self.R.randint(10, 25) / 10.0
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            u = torch.round(torch.as_tensor(d[key]).clamp(0, 1).double() * 255.0)
+            y = (torch.floor((u / 255.0).pow(1.0 / self.g) * 255.0) / 255.0).float()
+            d[key], *_ = convert_to_dst_type(y, d[key], dtype=y.dtype)
+        return d
+
+
+class RandColorJitterd(RandomizableTransform, MapTransform):
+    """TopoLoRA-SAM's colour jitter on ``3 x H x W`` images in 0..255: with probability
+    ``prob``, torchvision's ``ColorJitter`` (brightness, contrast, saturation, hue;
+    Albumentations' ``A.ColorJitter()`` defaults 0.2 each, p 0.2 in Seglab). Its factors
+    come from torch's generator (seeded by ``set_determinism``)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.2,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        hue: float = 0.2,
+        allow_missing_keys: bool = False,
+    ):
+        from torchvision.transforms import ColorJitter
+
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.jitter = ColorJitter(brightness, contrast, saturation, hue)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key]).float() / 255.0
+            y = self.jitter(x.clamp(0, 1)) * 255.0
+            d[key], *_ = convert_to_dst_type(y, d[key], dtype=y.dtype)
         return d
 
 

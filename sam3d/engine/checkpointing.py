@@ -25,7 +25,8 @@ class TrainingCheckpoint:
 
     - ``<ckpt_dir>/model.pt``: the trained-checkpoint format of every model
       (:func:`sam3d.models.checkpoint.save_trained`) of the epoch with the best
-      ``key_metric``, read back by :func:`sam3d.models.checkpoint.load_trained`;
+      ``key_metric`` (the highest; the lowest with ``key_metric_mode="min"``, as for a
+      validation loss), read back by :func:`sam3d.models.checkpoint.load_trained`;
     - ``<ckpt_dir>/last.pt``: network, optimizer, scheduler, epoch, iteration, best metric,
       the MLflow run id and the metrics not yet sent, after every epoch; the epoch's
       metrics are sent only after it is written (no epoch lost or logged twice by a kill).
@@ -47,7 +48,14 @@ class TrainingCheckpoint:
         meta: dict | None = None,
         mlflow_run: MLflowRun | None = None,
         resume: bool = True,
+        key_metric_mode: str = "max",
     ) -> None:
+        if key_metric_mode not in ("max", "min"):
+            from sam3d.errors import Sam3DError  # (local: the module's imports are moving)
+
+            raise Sam3DError(f"key_metric_mode must be 'max' or 'min', got {key_metric_mode!r}")
+        # "min": the lowest value is best (a validation loss); stored negated in best_metric
+        self.sign = 1.0 if key_metric_mode == "max" else -1.0
         self.ckpt_dir = Path(ckpt_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.evaluator, self.key_metric = evaluator, key_metric
@@ -78,7 +86,7 @@ class TrainingCheckpoint:
     def _on_validated(self, evaluator: Any) -> None:
         value = evaluator.state.metrics.get(self.key_metric)
         if value is not None:
-            self._validated = (int(self._trainer.state.epoch), float(value))
+            self._validated = (int(self._trainer.state.epoch), self.sign * float(value))
 
     def load(self, trainer: Any) -> None:
         state = read_resume_state(self.last_path, trainer.state.max_epochs) if self.resume else None
@@ -97,7 +105,7 @@ class TrainingCheckpoint:
         logger.warning(
             f"resume: continuing from {self.last_path} after epoch {trainer.state.epoch} "
             f"(iteration {trainer.state.iteration}, best {self.key_metric} "
-            f"{self.best_metric:.4f} at epoch {self.best_epoch})"
+            f"{self.sign * self.best_metric:.4f} at epoch {self.best_epoch})"
         )
 
     def _config(self) -> dict | None:
@@ -115,7 +123,7 @@ class TrainingCheckpoint:
             value = self._validated[1]
             if not math.isnan(value) and value > self.best_metric:
                 self.best_metric, self.best_epoch = value, epoch
-                meta = {**self.meta, "epoch": epoch, self.key_metric: value}
+                meta = {**self.meta, "epoch": epoch, self.key_metric: self.sign * value}
                 save_trained(
                     self.best_path,
                     unwrap(self.network),
@@ -124,7 +132,8 @@ class TrainingCheckpoint:
                     dataset=meta.get("dataset"),
                 )
                 logger.info(
-                    f"checkpoint: new best {self.key_metric} {value:.4f} -> {self.best_path}"
+                    f"checkpoint: new best {self.key_metric} {self.sign * value:.4f} "
+                    f"-> {self.best_path}"
                 )
         atomic_torch_save(
             {

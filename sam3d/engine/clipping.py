@@ -7,16 +7,22 @@ from typing import Any
 import torch
 from monai.engines.utils import IterationEvents
 
+from sam3d.engine.options import as_bool
+
 
 class GradientClipping:
     """Clip the gradient norm right before each optimizer step of a ``SupervisedTrainer``.
 
     Understands MONAI's ``accumulation_steps`` (clips only on the iterations that step)
     and unscales AMP gradients first, so ``max_norm`` is in true gradient units.
+    ``per_group``: clip each optimizer parameter group to ``max_norm`` on its own
+    (3DSAM-adapter clips its encoder, prompt encoder and decoder separately), instead of
+    the norm over all of them.
     """
 
-    def __init__(self, max_norm: float = 1.0) -> None:
+    def __init__(self, max_norm: float = 1.0, per_group: bool = False) -> None:
         self.max_norm = float(max_norm)
+        self.per_group = as_bool(per_group, "per_group")
 
     def attach(self, engine: Any) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
@@ -35,6 +41,8 @@ class GradientClipping:
             return
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
-        groups = engine.optimizer.param_groups
-        params = [p for g in groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        opt = engine.optimizer
+        groups = [[p for p in g["params"] if p.grad is not None] for g in opt.param_groups]
+        for params in groups if self.per_group else [[p for g in groups for p in g]]:
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.max_norm)

@@ -16,14 +16,17 @@ from sam3d.apps.prostate.inference import (
     SliceInferer,
     SliceMasksToVolumed,
     VolumeEvaluator,
+    clean_box_masks,
     inference_datalist,
     segment_files,
     segment_volume,
+    zero_border,
 )
 from sam3d.apps.prostate.slices import (
     PREPROCESS,
     CaseSlices,
     case_slices,
+    cubic_resize,
     label_to_mask,
     masks_to_volume,
     slice_to_input,
@@ -32,6 +35,7 @@ from sam3d.apps.prostate.slices import (
 )
 from sam3d.apps.prostate.training import (
     DeSAMPrepareBatch,
+    SliceLossMetric,
     cache_dir_for,
     cached_slices,
     poly_lambda,
@@ -44,11 +48,14 @@ __all__ = [
     "LoadSlicesd",
     "SaveMaskd",
     "SliceInferer",
+    "SliceLossMetric",
     "SliceMasksToVolumed",
     "VolumeEvaluator",
     "cache_dir_for",
     "cached_slices",
     "case_slices",
+    "clean_box_masks",
+    "cubic_resize",
     "dice_3d",
     "ensure_dataset",
     "evaluate_cases",
@@ -63,4 +70,5 @@ __all__ = [
     "slice_to_input",
     "volume_slices",
     "volume_to_uint8",
+    "zero_border",
 ]

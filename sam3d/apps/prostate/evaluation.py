@@ -36,6 +36,9 @@ def evaluate_cases(
     gt_slices_only: bool = True,
     batch_size: int = 4,
     mlflow_run: Any | None = None,
+    interpolation: str = "bilinear",
+    edge_zero_px: float = 0,
+    box_min_region_px: float = 0,
     **grid_kwargs: Any,
 ) -> dict[str, Any]:
     """Leave-sites-out test: Dice per patient in 3D, a per-case and a per-site CSV.
@@ -48,6 +51,8 @@ def evaluate_cases(
     ``mlflow_run`` (an :class:`sam3d.engine.MLflowRun`) if given. Returns the summary
     (``test_dice``, ``sites``, ``gt_slices``, ``empty_slices``). A warning says when most
     ground-truth slices got no mask (in grid mode: no candidate passed the IoU threshold).
+    ``interpolation``, ``edge_zero_px``, ``box_min_region_px``: :func:`segment_volume`'s
+    (the reference recipe: ``"bicubic"``, 50, 1000).
     """
     from sam3d.engine.reporting import write_csv  # sam3d.engine imports MLflow
 
@@ -57,7 +62,10 @@ def evaluate_cases(
     n_gt = n_empty = 0
     for case in cases:
         image, label = load_image_label(case["image"], case["label"])
-        pred = segment_volume(network, image[0].numpy(), mode, batch_size, **grid_kwargs)
+        pred = segment_volume(
+            network, image[0].numpy(), mode, batch_size, interpolation, edge_zero_px,
+            box_min_region_px, **grid_kwargs,
+        )  # fmt: skip
         gt = label[0].numpy() > 0
         if gt_slices_only:
             ks = np.flatnonzero(gt.any(axis=(0, 1)))

@@ -18,11 +18,48 @@ from sam3d.errors import Sam3DError
 logger = logging.getLogger(__name__)
 
 
+def zero_border(masks: torch.Tensor, edge_zero_px: float) -> torch.Tensor:
+    """``K x s x s`` masks with a border of ``edge_zero_px`` pixels of a 256 x 256 mask
+    (scaled to ``s``, rounded half up) set to 0: the reference's ``edge_set_zero`` (50),
+    applied before its Dice."""
+    s = masks.shape[-1]
+    e = int(np.floor(float(edge_zero_px) * s / 256 + 0.5))
+    if e <= 0:
+        return masks
+    out = masks.clone()
+    out[..., :e, :] = 0
+    out[..., -e:, :] = 0
+    out[..., :, :e] = 0
+    out[..., :, -e:] = 0
+    return out
+
+
+def clean_box_masks(masks: torch.Tensor, min_region_px: float) -> torch.Tensor:
+    """The reference's whole-box clean-up: per mask, holes then islands smaller than
+    ``min_region_px`` pixels of a 256 x 256 mask (scaled with ``s x s``) removed, as its
+    ``generate_box`` does with ``min_mask_region_area`` (SAM's ``remove_small_regions``)."""
+    from sam3d.models.planar.desam import remove_small_regions
+
+    area = float(min_region_px) * masks.shape[-2] * masks.shape[-1] / 256**2
+    if area <= 0:
+        return masks
+    out = []
+    for m in masks.cpu().numpy().astype(bool):
+        m, _ = remove_small_regions(m, area, "holes")
+        m, _ = remove_small_regions(m, area, "islands")
+        out.append(torch.from_numpy(np.ascontiguousarray(m)))
+    return torch.stack(out).to(masks.device)
+
+
 class SliceInferer:
     """Runs the network on a slice stack: ``K x 3 x S x S`` pixels -> masks ``K x s x s``
     (bool), ``batch_size`` slices at a time, automatically (``mode`` ``"grid"``: the point
     grid, ``grid`` and ``grid_kwargs`` the kwargs of :meth:`DeSAM.segment_grid`; ``"box"``:
     the whole-image box, the grid settings unused).
+
+    The reference recipe's post-processing (both 0 by default): ``box_min_region_px``
+    cleans box-mode masks (:func:`clean_box_masks`; grid mode cleans with its own
+    ``min_region_px``), ``edge_zero_px`` zeroes the border (:func:`zero_border`).
 
     Called as MONAI inferers are: ``inferer(inputs, network)``.
     """
@@ -32,12 +69,15 @@ class SliceInferer:
         mode: str = "grid",
         batch_size: int = 4,
         grid: dict[str, Any] | None = None,
+        edge_zero_px: float = 0,
+        box_min_region_px: float = 0,
         **grid_kwargs: Any,
     ) -> None:
         if mode not in ("grid", "box"):
             raise Sam3DError(f"automatic mode must be 'grid' or 'box', got {mode!r}")
         self.mode, self.batch_size = mode, int(batch_size)
         self.grid_kwargs = {**(grid or {}), **grid_kwargs} if mode == "grid" else {}
+        self.edge_zero_px, self.box_min_region_px = edge_zero_px, box_min_region_px
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor | np.ndarray, network: torch.nn.Module) -> torch.Tensor:
@@ -48,7 +88,10 @@ class SliceInferer:
         out = []
         for k0 in range(0, len(x), self.batch_size):
             batch = x[k0 : k0 + self.batch_size].to(device).float()
-            out.append(net.segment(batch, mode=self.mode, **self.grid_kwargs).cpu())
+            masks = net.segment(batch, mode=self.mode, **self.grid_kwargs).cpu()
+            if self.mode == "box":
+                masks = clean_box_masks(masks, self.box_min_region_px)
+            out.append(zero_border(masks, self.edge_zero_px))
         return torch.cat(out)
 
 
@@ -58,17 +101,28 @@ def segment_volume(
     volume: np.ndarray,
     mode: str = "grid",
     batch_size: int = 4,
+    interpolation: str = "bilinear",
+    edge_zero_px: float = 0,
+    box_min_region_px: float = 0,
     **grid_kwargs: Any,
 ) -> np.ndarray:
     """``I x J x K`` intensities -> uint8 mask ``I x J x K``, slice by slice along K.
 
-    Each slice is preprocessed as in training (:func:`volume_slices`), segmented
-    automatically (:class:`SliceInferer`) at ``s x s`` and resized back to ``I x J``
-    (nearest, :func:`masks_to_volume`).
+    Each slice is preprocessed as in training (:func:`volume_slices`, ``interpolation``),
+    segmented automatically (:class:`SliceInferer`, with its ``edge_zero_px`` and
+    ``box_min_region_px``) at ``s x s`` and resized back to ``I x J`` (nearest,
+    :func:`masks_to_volume`).
     """
     net = network.module if hasattr(network, "module") else network
-    x = volume_slices(volume, net.img_size, net.mask_size)
-    return masks_to_volume(SliceInferer(mode, batch_size, **grid_kwargs)(x, net), volume.shape)
+    x = volume_slices(volume, net.img_size, net.mask_size, interpolation)
+    inferer = SliceInferer(
+        mode,
+        batch_size,
+        edge_zero_px=edge_zero_px,
+        box_min_region_px=box_min_region_px,
+        **grid_kwargs,
+    )
+    return masks_to_volume(inferer(x, net), volume.shape)
 
 
 def inference_datalist(paths: Sequence[str | Path]) -> list[dict[str, str]]:
@@ -84,12 +138,13 @@ class LoadSlicesd:
     """Inference preprocessing: ``{"image": path}`` -> ``image`` ``K x 3 x S x S`` uint8
     (:func:`volume_slices`), ``image_path`` and ``spatial_shape`` ``(I, J, K)``."""
 
-    def __init__(self, input_size: int, mask_size: int) -> None:
+    def __init__(self, input_size: int, mask_size: int, interpolation: str = "bilinear") -> None:
         self.input_size, self.mask_size = int(input_size), int(mask_size)
+        self.interpolation = interpolation
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         vol = load_image(item["image"], require_3d=True)[0].numpy()
-        x = volume_slices(vol, self.input_size, self.mask_size)
+        x = volume_slices(vol, self.input_size, self.mask_size, self.interpolation)
         return {**item, "image": torch.as_tensor(x), "image_path": str(item["image"]),
                 "spatial_shape": tuple(vol.shape)}  # fmt: skip
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.metrics import Metric
+from monai.losses import DiceCELoss
 
 from sam3d.apps.prostate.slices import CaseSlices
 from sam3d.data.embedding_cache import CachedSliceDataset, EmbeddingCache, encoder_fingerprint
@@ -92,6 +94,28 @@ class DeSAMPrepareBatch:
         else:  # the whole-image box: the network's default prompt
             kwargs = {}
         return feats, label, (), kwargs
+
+
+class SliceLossMetric(Metric):
+    """The reference's validation loss as an ignite metric: DeSAM's DiceCE (sigmoid,
+    squared prediction) of each slice's logits against its mask, averaged over the
+    slices (its validation runs batch 1). ``output_transform`` gives ``(logits, masks)``:
+    sequences of ``1 x s x s``. The reference recipe keeps the epoch with the lowest
+    value (``TrainingCheckpoint(key_metric_mode="min")``)."""
+
+    def reset(self) -> None:
+        self.total, self.n = 0.0, 0
+        self.loss = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+
+    def update(self, output: Any) -> None:
+        logits, masks = output
+        for lg, m in zip(logits, masks):
+            lg = torch.as_tensor(lg).float()
+            self.total += float(self.loss(lg[None], torch.as_tensor(m).float().to(lg.device)[None]))
+            self.n += 1
+
+    def compute(self) -> float:
+        return self.total / max(self.n, 1)
 
 
 def poly_lambda(max_epochs: int, exponent: float = 0.9):

@@ -375,8 +375,10 @@ class Samus(nn.Module):
         images: torch.Tensor,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
+        low_res: bool = False,
     ) -> torch.Tensor:
-        """Logits ``B x K x H x W`` at the images' native size.
+        """Logits ``B x K x H x W`` at the images' native size (``low_res``: the decoder's
+        own ``B x K x 4g x 4g``, 128 x 128 at 256, what the reference's loss sees).
 
         Args:
             images: ``B x C x H x W`` in [0, 1], C = 1 (grey) or 3.
@@ -388,7 +390,7 @@ class Samus(nn.Module):
         hw = (int(images.shape[-2]), int(images.shape[-1]))
         emb = self.image_embeddings(self.preprocess(images))
         if points is None:
-            low_res = self.decode(emb, None, None)
+            logits = self.decode(emb, None, None)
         else:
             if point_labels is None:
                 raise ValueError("points need point_labels (1 positive, 0 negative, -1 padding)")
@@ -400,9 +402,11 @@ class Samus(nn.Module):
                     f"{tuple(points.shape)} and {tuple(point_labels.shape)}"
                 )
             xy = self.to_input_frame(points, hw).to(emb.dtype)
-            low_res = self.decode(emb, xy, point_labels.long())
+            logits = self.decode(emb, xy, point_labels.long())
         # float32 logits at native size, also under bf16 autocast
-        return F.interpolate(low_res.float(), size=hw, mode="bilinear", align_corners=False)
+        if low_res:
+            return logits.float()
+        return F.interpolate(logits.float(), size=hw, mode="bilinear", align_corners=False)
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """Named optimizer groups: the adapted ``image_encoder``'s trainable parts (prompt
