@@ -337,9 +337,10 @@ def test_linear_decay_from_one_to_a_hundredth_over_500_iterations():
     for k in (0, 1, 250, 499, 500, 600):  # lr0 x (1 - 0.99 k / 500), then 0.01 lr0
         assert lrs[k] == pytest.approx(lr0 * (1 - 0.99 * min(k, 500) / 500), rel=1e-9)
     assert cfg["lr_epoch_level"] is False and cfg["grad_clip_per_group"] is True
-    handlers = _config("kits", "train.json")["train"]["handlers"]
-    assert "@lr_epoch_level" in handlers[2]["epoch_level"]
-    assert {"per_group": "@grad_clip_per_group"}.items() <= handlers[3].items()
+    handlers = {h["_target_"]: h for h in _config("kits", "train.json")["train"]["handlers"]}
+    assert "@lr_epoch_level" in handlers["LrScheduleHandler"]["epoch_level"]
+    clipping = handlers["sam3d.engine.GradientClipping"]
+    assert {"per_group": "@grad_clip_per_group"}.items() <= clipping.items()
 
 
 def test_per_group_clipping_clips_each_group_to_the_norm():
@@ -373,10 +374,13 @@ def test_kits_reference_optimizer_has_three_groups_and_the_references_augmentati
         [p for p in net.parameters() if p.requires_grad]
     )
     chain = train_transforms(load_dataset_preset("kits"), 32, augmentation=REFERENCE_AUGMENTATION)
-    zoom = next(t for t in chain.transforms if type(t).__name__ == "RandZoomd")
-    flips = [t for t in chain.transforms if type(t).__name__ == "RandFlipd"]
-    assert (zoom.prob, zoom.rand_zoom.min_zoom, zoom.rand_zoom.max_zoom) == (0.8, (0.85,), (1.25,))
-    assert [f.prob for f in flips] == [0.5, 0.5, 0.5]
+    aug = next(t for t in chain.transforms if type(t).__name__ == "RandCropAffined")
+    assert (aug.zoom_prob, aug.zoom_range) == (0.8, (0.85, 1.25))
+    assert (aug.flip_prob, aug.rot90_prob, aug.rotate_prob) == (0.5, 0.5, 0.0)
+    # the reference's only intensity augmentation is the shift
+    names = {type(t).__name__: t for t in chain.transforms}
+    assert names["RandGaussianNoised"].prob == 0.0 and names["RandAdjustContrastd"].prob == 0.0
+    assert names["RandShiftIntensityd"].prob == 0.5
     default = train_transforms(load_dataset_preset("kits"), 32)
-    zoom = next(t for t in default.transforms if type(t).__name__ == "RandZoomd")
-    assert zoom.prob == 0.3
+    aug = next(t for t in default.transforms if type(t).__name__ == "RandCropAffined")
+    assert (aug.zoom_prob, aug.rotate_prob, aug.rotate_deg) == (0.8, 0.5, 30.0)
