@@ -8,6 +8,7 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
   :func:`checked`;
 - :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
+- :mod:`.progress`: :class:`ProgressBar` (a tqdm bar with an ETA over a whole run);
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
   :class:`CentreClickNetwork`.
 """
@@ -21,6 +22,7 @@ from sam3d.engine.clicks import (
 from sam3d.engine.clipping import GradientClipping
 from sam3d.engine.distributed import barrier, is_rank0, unwrap
 from sam3d.engine.options import as_bool
+from sam3d.engine.progress import ProgressBar
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 
@@ -31,6 +33,7 @@ __all__ = [
     "GradientClipping",
     "MLflowRun",
     "MLflowRunHandler",
+    "ProgressBar",
     "TrainingCheckpoint",
     "as_bool",
     "atomic_torch_save",
