@@ -32,7 +32,7 @@ and exit code 2."""
 EPILOG = """\
 examples:
   sam3d phantoms --out ct_data --n 2
-  sam3d segment case.nii.gz --click 159,282,56 --checkpoint bundles/kits/models/model.pt \\
+  sam3d segment case.nii.gz --click 32,36,22 --checkpoint bundles/kits/models/model.pt \\
       --out case_tumour.nii.gz --preview case_tumour.png
   sam3d segment-batch ct_data/imagesTr --checkpoint bundles/kits/models/model.pt --out-dir masks/
   sam3d segment-2d echo.png --click 127,114 --checkpoint bundles/echo/models/model.pt --out lv.png

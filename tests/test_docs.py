@@ -288,3 +288,41 @@ def _run_document(path: str, tmp_path: Path) -> list[str]:
 def test_documented_commands_run(path, tmp_path):
     ran = _run_document(path, tmp_path)
     assert ran, f"{path}: no command ran"
+
+
+def test_readme_clicks_fall_where_it_says_in_the_phantoms_it_generates(tmp_path, monkeypatch):
+    """README.md's example clicks: positives in the tumour, negatives outside it, of the
+    phantom its own ``sam3d phantoms`` and ``cp`` commands make (voxel or --world mm)."""
+    import shlex
+
+    import nibabel as nib
+    import numpy as np
+
+    from sam3d.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    commands = [_normal(c.text.partition("  #")[0]) for c in documented_commands("README.md")]
+    (phantoms,) = [c for c in commands if c.startswith("sam3d phantoms --out ct_data")]
+    assert main(shlex.split(phantoms)[1:]) == 0
+    (copy,) = [c for c in commands if c.startswith("cp ct_data/")]
+    _, src, dst = shlex.split(copy)
+    assert dst == "case.nii.gz"
+    label = np.asarray(nib.load(src.replace("imagesTr", "labelsTr")).dataobj)
+    inverse = np.linalg.inv(nib.load(src).affine)
+    checked = 0
+    for c in commands:
+        if not c.startswith("sam3d segment case.nii.gz"):
+            continue
+        args = shlex.split(c)
+        world = "--world" in args
+        for flag, tumour in (("--click", True), ("--negative", False)):
+            for i, a in enumerate(args):
+                if a != flag:
+                    continue
+                point = np.array([float(v) for v in args[i + 1].split(",")])
+                if world:
+                    point = (inverse @ np.r_[point, 1.0])[:3]
+                voxel = tuple(int(v) for v in np.rint(point))
+                assert (label[voxel] == 2) == tumour, (c, flag, voxel, label[voxel])
+                checked += 1
+    assert checked >= 6

@@ -32,6 +32,26 @@ from sam3d.errors import Sam3DError
 logger = logging.getLogger("sam3d.engine")
 
 
+def run_name(bundle: str, step: str = "train", preset: Any = None) -> str:
+    """A run name that says what ran and when: ``echo-train-tiny-20261207-235901``.
+
+    ``preset``: a preset name or a model settings dict (its ``name``, else its SAM preset
+    and input side); MLflow's own random names repeat across bundles, because every bundle
+    seeds Python's ``random`` before the run is created.
+    """
+    if isinstance(preset, Mapping):
+        sam = preset.get("name") or preset.get("sam")
+        side = preset.get("image_size") or preset.get("img_size")
+        preset = "-".join(str(v) for v in (sam, side) if v)
+    parts = [bundle, step, str(preset) if preset else "", time.strftime("%Y%m%d-%H%M%S")]
+    return "-".join(p.replace(" ", "_") for p in parts if p)
+
+
+def run_name_default(experiment_name: str) -> str:
+    """``<experiment>-<YYYYmmdd-HHMMSS>``, when a bundle gives no run name."""
+    return f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 class MLflowRun:
     """The one MLflow run of a training, shared by the trainer's and evaluator's handlers.
 
@@ -70,7 +90,8 @@ class MLflowRun:
             )
         self.tracking_uri = uri
         self.experiment_name = experiment_name
-        self.run_name = run_name
+        # MLflow's random names repeat: every bundle seeds Python's random before the run
+        self.run_name = run_name or run_name_default(experiment_name)
         self.resume_file = resume_file
         self.max_epochs = max_epochs
         self.timeout_s = float(timeout_s)
