@@ -73,3 +73,33 @@ def test_outputs_without_a_loss_count_steps_only():
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ns.append(bar.bar.n))
     engine.run(range(5), max_epochs=1)
     assert ns == [1, 2, 3, 4, 5] and bar._loss is None
+
+
+def test_default_workers_never_exceed_the_cpus_a_process_may_use(monkeypatch):
+    import os
+
+    from sam3d.engine.options import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers(4) == 2 and default_workers(1) == 1 and default_workers(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers(4) == 4
+
+
+def test_exit_promptly_ends_only_the_bundle_command(monkeypatch):
+    import os
+    import sys
+    import types
+
+    from sam3d.engine import shutdown
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    shutdown.exit_promptly()  # under pytest: nothing happens
+    assert exits == [] and not shutdown.started_as_bundle_command()
+    fake = types.ModuleType("__main__")
+    fake.__spec__ = types.SimpleNamespace(name="monai.bundle.__main__")
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    assert shutdown.started_as_bundle_command()
+    shutdown.exit_promptly()
+    assert exits == [0]

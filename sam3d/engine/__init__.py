@@ -9,6 +9,7 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
 - :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
 - :mod:`.progress`: :class:`ProgressBar` (a tqdm bar with an ETA over a whole run);
+- :mod:`.shutdown`: :func:`exit_promptly` (a bundle command ends when its work ends);
 - :mod:`.trained`: :func:`trained_checkpoint` (evaluate / inference build the network a
   checkpoint was trained as);
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
@@ -26,6 +27,7 @@ from sam3d.engine.distributed import barrier, is_rank0, unwrap
 from sam3d.engine.options import as_bool
 from sam3d.engine.progress import ProgressBar
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
+from sam3d.engine.shutdown import exit_promptly
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
 from sam3d.engine.trained import describe_preset, trained_checkpoint
 
@@ -44,6 +46,7 @@ __all__ = [
     "checked",
     "click_prepare_batch",
     "describe_preset",
+    "exit_promptly",
     "is_rank0",
     "read_resume_state",
     "save_executed_config",
