@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +267,7 @@ def _run_document(path: str, tmp_path: Path) -> list[str]:
         if lookup(SKIP, command) is not None:
             continue
         text = with_overrides(command, lookup(SHRINK, command) or "")
+        t0 = time.perf_counter()
         proc = subprocess.run(
             ["bash", "-c", "set -e\n" + text],
             cwd=work,
@@ -280,10 +282,12 @@ def _run_document(path: str, tmp_path: Path) -> list[str]:
         )
         assert "Traceback" not in out, f"{command}\n{out[-4000:]}"
         ran.append(str(command))
+        print(f"[{time.perf_counter() - t0:6.1f} s] {command}", flush=True)
     return ran
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a whole document: several trainings at tiny sizes
 @pytest.mark.parametrize("path", DOCS)
 def test_documented_commands_run(path, tmp_path):
     ran = _run_document(path, tmp_path)

@@ -107,44 +107,55 @@ class _Channel:
         return [p[self.c : self.c + 1] for p in preds], [y[self.c : self.c + 1] for y in labels]
 
 
-def metric_names(class_names: Sequence[str]) -> list[str]:
-    """The metric keys :func:`structure_metrics` makes: means, then per structure."""
-    names = ["val_dice", "val_iou", "val_hd95"]
+_METRICS = ("dice", "iou", "hd95")
+
+
+def metric_names(class_names: Sequence[str], prefix: str = "val") -> list[str]:
+    """The metric keys :func:`structure_metrics` makes: means, then per structure.
+
+    ``prefix`` names the split: ``val`` in training, ``test`` for evaluate's test split."""
+    names = [f"{prefix}_{m}" for m in _METRICS]
     return names + [f"{m}_{c}" for c in class_names for m in names]
 
 
 def structure_metrics(
-    class_names: Sequence[str], save_details: bool = True, key: str = "val_dice"
+    class_names: Sequence[str],
+    save_details: bool = True,
+    key: str | None = None,
+    prefix: str = "val",
 ) -> dict[str, IgniteMetricHandler]:
-    """MONAI metric handlers of the echo bundle's ``additional_metrics`` (all but ``key``).
+    """MONAI metric handlers of the echo bundle's ``additional_metrics`` (all but ``key``,
+    by default ``<prefix>_dice``).
 
     Per case, on each structure's own prompted mask at native size: Dice, IoU, HD95
     (:class:`BoundedHD95Metric`, in mm from the affines set by ``SetPixelSpacingd``, else
-    pixels). ``val_<m>`` is the mean over structures, ``val_<m>_<name>`` one structure.
+    pixels). ``<prefix>_<m>`` is the mean over structures, ``<prefix>_<m>_<name>`` one
+    structure.
     """
+    key = key or f"{prefix}_dice"
 
     def make(metric: str) -> Any:
-        if metric == "val_hd95":
+        if metric == "hd95":
             return BoundedHD95Metric(include_background=True)
-        return CaseOverlapMetric(metric=metric[4:], include_background=True)
+        return CaseOverlapMetric(metric=metric, include_background=True)
 
     out = {}
-    for name in metric_names(class_names):
-        base = "_".join(name.split("_")[:2])
-        suffix = name[len(base) + 1 :]
-        c = None if not suffix else list(class_names).index(suffix)
-        if name == key:
-            continue
-        out[name] = IgniteMetricHandler(
-            metric_fn=make(base), output_transform=_Channel(c), save_details=save_details
-        )
-    return out
+    for c, structure in [(None, None), *enumerate(class_names)]:
+        for metric in _METRICS:
+            name = f"{prefix}_{metric}" + (f"_{structure}" if structure is not None else "")
+            if name == key:
+                continue
+            out[name] = IgniteMetricHandler(
+                metric_fn=make(metric), output_transform=_Channel(c), save_details=save_details
+            )
+    return {n: out[n] for n in metric_names(class_names, prefix) if n in out}
 
 
-def key_metric(save_details: bool = True) -> dict[str, IgniteMetricHandler]:
-    """``val_dice``: per-case Dice averaged over structures and cases (best-model choice)."""
+def key_metric(save_details: bool = True, prefix: str = "val") -> dict[str, IgniteMetricHandler]:
+    """``<prefix>_dice``: per-case Dice averaged over structures and cases (in training,
+    ``val_dice`` chooses the best model)."""
     return {
-        "val_dice": IgniteMetricHandler(
+        f"{prefix}_dice": IgniteMetricHandler(
             metric_fn=CaseOverlapMetric(metric="dice", include_background=True),
             output_transform=_Channel(None),
             save_details=save_details,
