@@ -59,3 +59,25 @@ def trained_checkpoint(
         f"({describe_preset(obj['preset'])})"
     )
     return obj
+
+
+def init_from(network: Any, path: str | os.PathLike | None, kind: str | None = None) -> Any:
+    """Fine-tuning: start a training from a trained ``model.pt``'s weights (``--init_checkpoint``).
+
+    Unlike resume (``last.pt``: weights, optimizer, schedule, epoch and MLflow run carry
+    on), only the weights are taken: the optimizer, the schedule, the epochs and the MLflow
+    run start anew, on whatever data the training is given. The network must be built with
+    the checkpoint's settings (the same preset); a misfit is refused in one line. A
+    resumable ``last.pt`` of the same bundle root still wins (resume restores it later).
+    ``path`` None or "" leaves ``network`` as built. Returns ``network``.
+    """
+    if path is None or not str(path) or str(path).lower() in ("none", "null", "false"):
+        return network
+    from sam3d.models.checkpoint import load_trained_weights
+
+    obj = trained_checkpoint(path, kind, "fine-tune")
+    load_trained_weights(network, obj)
+    logger.info(
+        f"fine-tune: weights from {path}; optimizer, schedule, epochs and the MLflow run start anew"
+    )
+    return network
