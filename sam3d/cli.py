@@ -19,6 +19,28 @@ from sam3d.errors import Sam3DError, find_user_error
 _POINT_OPTIONS = ("--click", "--negative")
 _NUMBER_LIST = re.compile(r"^-\s*[0-9.]")
 
+DESCRIPTION = """\
+Segment Anything adapted to medical images, on MONAI. Segment a tumour in a CT
+volume (NIfTI) from one click or more, or automatically; segment a structure in a 2D
+ultrasound image from clicks; generate synthetic phantoms to try it all on; open a
+local web viewer; export a trained bundle to the MONAI model zoo. Training,
+evaluation and batch inference of the models run as MONAI bundles (bundles/*/):
+python -m monai.bundle run --config_file bundles/kits/train.json. A user's error
+(a missing file, a click outside the image, a bad checkpoint) ends with one line
+and exit code 2."""
+
+EPILOG = """\
+examples:
+  sam3d phantoms --out ct_data --n 2
+  sam3d segment case.nii.gz --click 32,36,22 --checkpoint bundles/kits/models/model.pt \\
+      --out case_tumour.nii.gz --preview case_tumour.png
+  sam3d segment-batch ct_data/imagesTr --checkpoint bundles/kits/models/model.pt --out-dir masks/
+  sam3d segment-2d echo.png --click 127,114 --checkpoint bundles/echo/models/model.pt --out lv.png
+  sam3d serve case.nii.gz --checkpoint bundles/kits/models/model.pt
+  sam3d demo --out demo_out
+
+Each command has its own --help (sam3d segment --help). README.md has the whole tour."""
+
 
 def _cmd_phantoms(args: argparse.Namespace) -> None:
     from sam3d.data.phantoms import get_family, write_phantom_dataset
@@ -152,13 +174,21 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 def _cmd_segment_batch(args: argparse.Namespace) -> None:
     from sam3d.inference import load_model_for_inference
     from sam3d.inference.batch import list_cases, rank_device, segment_batch
+    from sam3d.inference.session import resolve_dataset
 
     cases = list_cases(args.input, key=args.key)
+    preset = resolve_dataset(args.dataset) if args.dataset else None  # refused before the model
     device = rank_device(args.device)  # under torchrun: cuda:LOCAL_RANK
     model, meta = load_model_for_inference(args.checkpoint, device)
+    if preset is None:
+        preset = resolve_dataset(meta["dataset"])
+    print(
+        f"intensity preset {preset.get('name', '?')!r} "
+        f"(from {'--dataset' if args.dataset else 'the checkpoint'})"
+    )
     report = segment_batch(
         model,
-        meta["dataset"],
+        preset,
         cases,
         args.out_dir,
         device=device,
@@ -268,7 +298,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sam3d", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="sam3d",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     from sam3d.data.phantoms import family_names, get_family
@@ -282,10 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a synthetic dataset with an MSD dataset.json",
         description=f"Phantom families: {kinds}.",
     )
-    p.add_argument("--kind", choices=family_names(), default="ct")
+    p.add_argument(
+        "--kind",
+        choices=family_names(),
+        default="ct",
+        help=f"the phantom family (default: ct): {kinds}",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--n", type=int, default=8, help="number of cases")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=8, help="number of cases (default: 8)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed: the same seed writes the same cases (0)"
+    )
     p.add_argument(
         "--shape",
         type=int,
@@ -299,8 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_phantoms)
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo on phantoms")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="folder for the phantoms, the training run and the masks (default: demo_out)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (default: 0)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="check and describe a volume (and its label)")
@@ -358,8 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="trained model.pt (Sam3D, SAM-Med3D) or an official SAM-Med3D .pth",
     )
-    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument(
+        "--out-dir", required=True, type=Path, help="folder for <case>_seg.nii.gz (and previews)"
+    )
     p.add_argument("--world", action="store_true", help="datalist points are RAS mm")
+    p.add_argument(
+        "--dataset",
+        help="intensity preset (kits, lits, pancreas, colon or a JSON file; default: the "
+        "checkpoint's)",
+    )
     p.add_argument("--previews", action="store_true", help="a PNG beside every mask")
     _add_growth_args(p)
     p.set_defaults(func=_cmd_segment_batch)
@@ -374,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic volumes only)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=512.0, help="largest upload accepted (512)"
+    )
     p.add_argument(
         "--max-memory-gb", type=float, default=8.0, help="memory for open images and features"
     )
@@ -396,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bundle", help="export a training run as a model-zoo bundle; check one")
-    p.add_argument("action", choices=["export", "check"])
+    p.add_argument(
+        "action",
+        choices=["export", "check"],
+        help="export: a training run -> a model-zoo bundle; check: the zoo's offline checks",
+    )
     p.add_argument("run_dir", type=Path, help="export: the training's bundle root; check: a bundle")
     p.add_argument("--out", type=Path, help="export: the new bundle's folder")
     p.add_argument("--version", help="export: the bundle version (default: the source's)")

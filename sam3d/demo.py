@@ -112,7 +112,7 @@ DEMO_TRAIN = {
 
 def _progress_handlers(state: DemoState, max_epochs: int, n_iters: int) -> tuple[Any, list]:
     """The learning curve (running loss, validation Dice); the bundle's own
-    ``TrainingProgress`` draws the bar."""
+    ``sam3d.engine.ProgressBar`` draws the bar."""
     from ignite.engine import Events
 
     curve: list[dict[str, float]] = []

@@ -130,3 +130,32 @@ def test_bad_cases_are_reported_and_the_batch_goes_on(tmp_path, small_checkpoint
     assert err[-1] == "sam3d segment-batch: error: 2 case(s) failed"
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(_expected(out, n=2) + ["b_thin_seg.nii.gz", "b_thin_seg.png"])
+
+
+def test_dataset_chooses_the_intensity_preset_like_segment(
+    tmp_path, small_checkpoint, capsys, monkeypatch
+):
+    import sam3d.inference.batch as batch_module
+    from sam3d.data.pipelines import load_dataset_preset
+
+    seen = {}
+    real = batch_module.segment_batch
+
+    def spy(model, dataset, *a, **k):
+        seen["dataset"] = dataset
+        return real(model, dataset, *a, **k)
+
+    monkeypatch.setattr(batch_module, "segment_batch", spy)
+    src = _cases(tmp_path / "in", n=1)
+    assert _batch(src, tmp_path / "out", small_checkpoint, "--dataset", "lits") == 0
+    out = capsys.readouterr().out
+    assert "intensity preset 'lits' (from --dataset)" in out
+    assert seen["dataset"]["window_hu"] == load_dataset_preset("lits")["window_hu"]
+    assert _batch(src, tmp_path / "out2", small_checkpoint) == 0
+    assert "intensity preset 'kits' (from the checkpoint)" in capsys.readouterr().out
+    assert seen["dataset"]["window_hu"] == load_dataset_preset("kits")["window_hu"]
+    # an unknown preset: one line, exit 2, nothing written
+    assert _batch(src, tmp_path / "out3", small_checkpoint, "--dataset", "mri") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sam3d segment-batch: error:")
+    assert not (tmp_path / "out3").exists()

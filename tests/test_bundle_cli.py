@@ -139,3 +139,58 @@ def test_inference_bundle_errors_are_one_message_exit_2(tmp_path, small_checkpoi
             "checkpoint_malformed": "'state_dict' a dict"}[case] in line  # fmt: skip
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert not Path("/tmp/sam3d_bundle_pwned").exists()
+
+
+PLANAR_INPUTS = {
+    "echo": lambda d: ["--input_dict", f"{{'image': '{d / 'a.png'}', 'points': [[3, 3]]}}"],
+    "retina": lambda d: ["--input_dir", str(d)],
+    "prostate": lambda d: ["--input_files", f"['{d / 'a.nii.gz'}']"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", sorted(PLANAR_INPUTS))
+@pytest.mark.parametrize("step", ["evaluate", "inference"])
+def test_a_missing_checkpoint_is_one_line_in_every_planar_bundle(bundle, step, tmp_path):
+    """No trained model yet: evaluate and inference of echo, retina and prostate say so in
+    one line with exit code 2 (retina's evaluate gave a 54-line traceback)."""
+    from PIL import Image
+
+    root = REPO / "bundles" / bundle
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / "a.png")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), inputs / "a.nii.gz")
+    if step == "inference":
+        config, extra = str(root / "inference.json"), PLANAR_INPUTS[bundle](inputs)
+    else:
+        config, extra = f"['{root / 'train.json'}','{root / 'evaluate.json'}']", []
+    proc = _bundle(
+        config, "--bundle_root", str(tmp_path / "run"), "--mlflow_enabled", "false",
+        "--dataset_dir", str(tmp_path / "data"), *extra,
+    )  # fmt: skip
+    line = _user_error(proc)
+    assert "no trained model at" in line and "model.pt" in line, line
+    assert not (tmp_path / "run" / "models").exists()
+
+
+def test_a_checkpoint_of_another_kind_is_refused_in_one_line(tmp_path):
+    from sam3d.models.checkpoint import save_trained
+    from sam3d.models.registry import build_model
+
+    ckpt = tmp_path / "run" / "models" / "model.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_trained(ckpt, build_model("topolora", "tiny"))
+    proc = _bundle(
+        str(REPO / "bundles" / "echo" / "inference.json"), "--bundle_root",
+        str(tmp_path / "run"), "--input_dict",
+        f"{{'image': '{tmp_path / 'x.png'}', 'points': [[1, 1]]}}",
+    )  # fmt: skip
+    line = _user_error(proc)
+    assert "holds a topolora model; this bundle needs samus" in line, line
+    # and a bad input (no clicks) is one line too, not MONAI's traceback
+    proc = _bundle(
+        str(REPO / "bundles" / "echo" / "inference.json"), "--bundle_root",
+        str(tmp_path / "run"), "--input_dict", "{'image': 'x.png'}",
+    )  # fmt: skip
+    assert "input_dict needs 'points'" in _user_error(proc)

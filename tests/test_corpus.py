@@ -878,7 +878,7 @@ def test_mri_is_accepted_with_the_preset_named_and_a_modality_warning(
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "intensity preset 'kits': window -54..247 HU (from the checkpoint)" in out
-    assert "do not look like CT" in err and "--dataset" in err
+    assert "do not look like CT" in err and "there is no MRI preset" in err
     assert main([*args, "--dataset", "lits"]) == 0
     out, _ = capsys.readouterr()
     assert "intensity preset 'lits'" in out and "(from --dataset)" in out

@@ -108,16 +108,24 @@ def test_evaluation_per_structure_at_native_size_in_mm(trained, tiny_sam_checkpo
         p, g = pred[c], onehot[c] > 0
         dice = 2 * (p & g).sum() / (p.sum() + g.sum())
         dices.append(dice)
-        assert float(rows[0][f"val_dice_{name}"]) == pytest.approx(dice, abs=1e-5)
+        assert float(rows[0][f"test_dice_{name}"]) == pytest.approx(dice, abs=1e-5)
         hd = float(compute_hd95(torch.from_numpy(p), torch.from_numpy(g), spacing))
         hd = diagonal if np.isinf(hd) else hd
-        assert float(rows[0][f"val_hd95_{name}"]) == pytest.approx(hd, rel=1e-4)
-    assert float(rows[0]["val_dice"]) == pytest.approx(np.mean(dices), abs=1e-5)
+        assert float(rows[0][f"test_hd95_{name}"]) == pytest.approx(hd, rel=1e-4)
+    assert float(rows[0]["test_dice"]) == pytest.approx(np.mean(dices), abs=1e-5)
+    assert not any(k.startswith("val_") for k in rows[0])  # named after the test split
     # the saved prediction is a native-size class-id map
-    saved = np.asarray(
-        Image.open(trained / "eval" / "pred" / (Path(case["image"]).stem + "_pred.png"))
-    )
+    png = Image.open(trained / "eval" / "pred" / (Path(case["image"]).stem + "_pred.png"))
+    saved = np.asarray(png)
     assert saved.shape == PHANTOM_HW and set(np.unique(saved)) <= {0, 1, 2, 3}
+    # viewable: a palette PNG, each structure a bright colour, the values still class ids
+    assert png.mode == "P"
+    rgb = np.asarray(png.convert("RGB"))
+    from sam3d.data.planar import LABEL_COLOURS
+
+    assert set(np.unique(saved)) - {0}, "no structure predicted: nothing to check"
+    for c in set(np.unique(saved)) - {0}:
+        assert (rgb[saved == c] == LABEL_COLOURS[c]).all() and max(LABEL_COLOURS[c]) >= 128
 
     # the two-click protocol runs the same evaluation with a refinement click
     out2 = trained / "eval2"
@@ -126,7 +134,7 @@ def test_evaluation_per_structure_at_native_size_in_mm(trained, tiny_sam_checkpo
         output_dir=str(out2), **_tiny(trained, tiny_sam_checkpoint),
     )  # fmt: skip
     rows2 = list(csv.DictReader((out2 / "metrics_per_case.csv").open()))
-    assert rows2[0]["case"] == rows[0]["case"] and "val_dice_la" in rows2[0]
+    assert rows2[0]["case"] == rows[0]["case"] and "test_dice_la" in rows2[0]
 
 
 def test_inference_from_a_users_click(trained):

@@ -219,3 +219,54 @@ def test_prostate_phantoms_are_seeded_and_sites_shift_the_domain(tmp_path):
     assert png.stat().st_size > 10_000
     with pytest.raises(Sam3DError, match="unknown prostate site"):
         make_prostate_phantom(0, "Q")
+
+
+class _Bright(torch.nn.Module):
+    """A stand-in network: each slice's mask is where its pixels are brighter than its
+    mean (so masks depend on the slice); records how many slices it segmented."""
+
+    img_size, mask_size = 32, 16
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = 0
+
+    def segment(self, images, mode="grid", **_):
+        self.seen += len(images)
+        x = torch.as_tensor(images).float().mean(1)
+        x = torch.nn.functional.interpolate(x[:, None], (self.mask_size,) * 2)[:, 0]
+        return x > x.mean(dim=(1, 2), keepdim=True)
+
+
+def test_evaluation_segments_only_the_slices_it_scores_with_the_same_masks():
+    from sam3d.apps.prostate import segment_volume
+
+    vol = np.random.default_rng(0).gamma(2.0, 50.0, (24, 20, 9)).astype(np.float32)
+    ks = np.array([2, 3, 7])
+    net = _Bright()
+    whole = segment_volume(net, vol)
+    assert net.seen == 9
+    net.seen = 0
+    part = segment_volume(net, vol, slices=ks)
+    assert net.seen == 3  # six slices fewer to segment
+    np.testing.assert_array_equal(part, whole[:, :, ks])  # same intensities (whole-volume clip)
+    assert whole[:, :, ks].any()
+    assert segment_volume(net, vol, slices=[]).shape == (24, 20, 0)
+
+
+def test_inference_warns_when_a_mask_is_empty(tmp_path, caplog):
+    class Nothing(_Bright):
+        def segment(self, images, mode="grid", **_):
+            return torch.zeros(len(images), self.mask_size, self.mask_size, dtype=torch.bool)
+
+    vol = np.random.default_rng(1).gamma(2.0, 50.0, (24, 20, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "case.nii.gz")
+    with caplog.at_level("WARNING"):
+        (path,) = segment_files(Nothing(), [tmp_path / "case.nii.gz"], tmp_path / "out")
+    assert np.asarray(nib.load(path).dataobj).sum() == 0
+    assert "the mask of" in caplog.text and "is empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        segment_files(_Bright(), [tmp_path / "case.nii.gz"], tmp_path / "out2")
+    assert "is empty" not in caplog.text

@@ -344,3 +344,20 @@ def test_cuda_matches_cpu():
         gpu = fn(pred.cuda(), gt.cuda())
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-6, rtol=0)
+
+
+def test_metric_classes_name_a_numpy_y_instead_of_calling_it_none():
+    import pytest
+
+    from sam3d.metrics.surface import HausdorffDistance95Metric, SurfaceDiceMetric
+
+    p = torch.zeros(1, 2, 8, 8)
+    p[:, 1, 2:5, 2:5] = 1
+    p[:, 0] = 1 - p[:, 1]
+    for metric in (SurfaceDiceMetric(tolerance_mm=1.0, spacing_mm=(1.0, 1.0)),
+                   HausdorffDistance95Metric(spacing_mm=(1.0, 1.0))):  # fmt: skip
+        with pytest.raises(TypeError, match=r"y must be a torch.Tensor .* got ndarray"):
+            metric(p, p.numpy())
+        with pytest.raises(TypeError, match=r"y_pred must be a torch.Tensor .* got ndarray"):
+            metric(p.numpy(), p)
+        assert float(metric(p, p).mean()) == 1.0 or float(metric(p, p).mean()) == 0.0

@@ -254,3 +254,59 @@ def test_metrics_wait_while_the_store_fails_and_go_out_once_it_answers(tmp_path,
     assert run.flush(force=True) and run.pending == []
     hist = run.client.get_metric_history(run.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in hist) == [(1, 1.0), (2, 0.5)]
+
+
+def _status(uri: str, run_id: str) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+
+
+def test_a_signal_marks_the_run_killed_and_then_does_what_it_did(tmp_path):
+    import signal
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    try:
+        run = _run(uri, tmp_path)
+        run_id = run.run_id  # created: the handler is installed
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert _status(uri, run_id) == "KILLED"
+        assert seen == [signal.SIGTERM]  # the previous handler still ran
+        assert signal.getsignal(signal.SIGTERM) is not run._on_signal
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_next_start_settles_a_run_left_running(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for epoch, expected in ((MAX_EPOCHS, "FINISHED"), (1, "KILLED")):
+        run = _run(uri, tmp_path)
+        run_id = run.run_id
+        run.release_signals()
+        assert client.get_run(run_id).info.status == "RUNNING"
+        # the training stopped (finished, or part-way and now replaced) with the run open
+        state = {"epoch": epoch, "max_epochs": MAX_EPOCHS, "mlflow_run_id": run_id}
+        torch.save(state, tmp_path / "last.pt")
+        again = MLflowRun(
+            tracking_uri=uri, experiment_name="hardening", resume_file=tmp_path / "last.pt",
+            max_epochs=epoch if expected == "KILLED" else MAX_EPOCHS,
+        ).check()  # fmt: skip
+        assert client.get_run(run_id).info.status == expected
+        again.release_signals()
+        (tmp_path / "last.pt").unlink()
+
+
+def test_runs_get_names_that_say_what_ran():
+    import re
+
+    from sam3d.engine.tracking import run_name
+
+    assert re.fullmatch(r"echo-train-tiny-\d{8}-\d{6}", run_name("echo", "train", "tiny"))
+    name = run_name("retina", "evaluate", {"sam": "vit_b", "image_size": 1024})
+    assert name.startswith("retina-evaluate-vit_b-1024-")
+    assert MLflowRun(enabled=False, experiment_name="sam3d_echo").run_name.startswith("sam3d_echo-")

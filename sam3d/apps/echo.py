@@ -96,29 +96,38 @@ class _Channel:
 STRUCTURE_METRICS = ("dice", "iou", "hd95")
 
 
-def _metric_specs(class_names: Sequence[str]) -> list[tuple[str, str, int | None]]:
+def _metric_specs(
+    class_names: Sequence[str], prefix: str = "val"
+) -> list[tuple[str, str, int | None]]:
     """``(key, metric, channel)`` of every metric :func:`structure_metrics` makes: the
-    means over structures (channel None), then one per structure."""
-    specs = [(f"val_{m}", m, None) for m in STRUCTURE_METRICS]
+    means over structures (channel None), then one per structure; ``prefix`` names the
+    split (``val`` in training, ``test`` for evaluate's test split)."""
+    specs = [(f"{prefix}_{m}", m, None) for m in STRUCTURE_METRICS]
     for c, name in enumerate(class_names):
-        specs += [(f"val_{m}_{name}", m, c) for m in STRUCTURE_METRICS]
+        specs += [(f"{prefix}_{m}_{name}", m, c) for m in STRUCTURE_METRICS]
     return specs
 
 
-def metric_names(class_names: Sequence[str]) -> list[str]:
+def metric_names(class_names: Sequence[str], prefix: str = "val") -> list[str]:
     """The metric keys :func:`structure_metrics` makes: means, then per structure."""
-    return [key for key, _, _ in _metric_specs(class_names)]
+    return [key for key, _, _ in _metric_specs(class_names, prefix)]
 
 
 def structure_metrics(
-    class_names: Sequence[str], save_details: bool = True, key: str = "val_dice"
+    class_names: Sequence[str],
+    save_details: bool = True,
+    key: str | None = None,
+    prefix: str = "val",
 ) -> dict[str, IgniteMetricHandler]:
-    """MONAI metric handlers of the echo bundle's ``additional_metrics`` (all but ``key``).
+    """MONAI metric handlers of the echo bundle's ``additional_metrics`` (all but ``key``,
+    by default ``<prefix>_dice``).
 
     Per case, on each structure's own prompted mask at native size: Dice, IoU, HD95
     (:class:`BoundedHD95Metric`, in mm from the affines set by ``SetPixelSpacingd``, else
-    pixels). ``val_<m>`` is the mean over structures, ``val_<m>_<name>`` one structure.
+    pixels). ``<prefix>_<m>`` is the mean over structures, ``<prefix>_<m>_<name>`` one
+    structure.
     """
+    key = key or f"{prefix}_dice"
 
     def make(metric: str) -> Any:
         if metric == "hd95":
@@ -129,15 +138,16 @@ def structure_metrics(
         name: IgniteMetricHandler(
             metric_fn=make(metric), output_transform=_Channel(c), save_details=save_details
         )
-        for name, metric, c in _metric_specs(class_names)
+        for name, metric, c in _metric_specs(class_names, prefix)
         if name != key
     }
 
 
-def key_metric(save_details: bool = True) -> dict[str, IgniteMetricHandler]:
-    """``val_dice``: per-case Dice averaged over structures and cases (best-model choice)."""
+def key_metric(save_details: bool = True, prefix: str = "val") -> dict[str, IgniteMetricHandler]:
+    """``<prefix>_dice``: per-case Dice averaged over structures and cases (in training,
+    ``val_dice`` chooses the best model)."""
     return {
-        "val_dice": IgniteMetricHandler(
+        f"{prefix}_dice": IgniteMetricHandler(
             metric_fn=CaseOverlapMetric(metric="dice", include_background=True),
             output_transform=_Channel(None),
             save_details=save_details,

@@ -24,6 +24,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import PILWriter
@@ -227,6 +228,29 @@ class PILWriterHW(PILWriter):
     def write(self, filename, verbose: bool = False, **kwargs):  # noqa: D102
         kwargs.setdefault("reverse_indexing", False)
         super().write(filename, verbose=verbose, **kwargs)
+
+
+# Class colours of the label-map PNGs: background black, then distinct bright colours
+LABEL_COLOURS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
+                 (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]  # fmt: skip
+
+
+class PaletteWriterHW(PILWriterHW):
+    """:class:`PILWriterHW` for class-id maps: a palette PNG whose pixel values are still the
+    class ids (``numpy.asarray(Image.open(path))`` gives them back) and which any image
+    viewer shows in colour (:data:`LABEL_COLOURS`), not as near-black greys 0-3."""
+
+    def write(self, filename, verbose: bool = False, **kwargs):  # noqa: D102
+        from PIL import Image
+
+        super().write(filename, verbose=verbose, **kwargs)
+        with Image.open(filename) as im:
+            ids = np.asarray(im)
+        if ids.ndim != 2 or ids.max(initial=0) >= len(LABEL_COLOURS):
+            return  # not a small class-id map: left as written
+        out = Image.fromarray(ids.astype(np.uint8), mode="P")
+        out.putpalette([v for rgb in LABEL_COLOURS for v in rgb])
+        out.save(filename)
 
 
 def _source(img: Any, key: Hashable) -> str:

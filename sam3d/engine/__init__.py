@@ -8,6 +8,10 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
   :func:`checked`;
 - :mod:`.options`: :func:`as_bool` (``--resume false`` on the command line is False);
 - :mod:`.distributed`: :func:`is_rank0`, :func:`barrier`, :func:`unwrap`;
+- :mod:`.progress`: :class:`ProgressBar` (a tqdm bar with an ETA over a whole run);
+- :mod:`.shutdown`: :func:`exit_promptly` (a bundle command ends when its work ends);
+- :mod:`.trained`: :func:`trained_checkpoint` (evaluate / inference build the network a
+  checkpoint was trained as);
 - :mod:`.clicks`: :func:`click_prepare_batch`, :class:`ClickCropInferer`,
   :class:`CentreClickNetwork`;
 - :mod:`.interactive`: :class:`InteractiveClickInferer` (simulated correction rounds with
@@ -15,7 +19,6 @@ distributed helpers and the click inferers (bundle-specific glue lives in :mod:`
   :func:`click_training_mode`;
 - :mod:`.click_validation`: :class:`ClickCurveValidation` (the validation split's click
   curve, NoC@85 and positive clicks inside, every ``val_interval`` epochs);
-- :mod:`.progress`: :class:`TrainingProgress` (one bar over the run: loss, validation, ETA).
 """
 
 from sam3d.engine.checkpointing import TrainingCheckpoint
@@ -34,10 +37,12 @@ from sam3d.engine.interactive import (
     training_prepare_batch,
 )
 from sam3d.engine.options import as_bool
-from sam3d.engine.progress import TrainingProgress
+from sam3d.engine.progress import ProgressBar
 from sam3d.engine.reporting import CaseMetricsCSV, checked, save_executed_config, write_csv
 from sam3d.engine.resume import atomic_torch_save, read_resume_state
+from sam3d.engine.shutdown import exit_promptly
 from sam3d.engine.tracking import MLflowRun, MLflowRunHandler
+from sam3d.engine.trained import describe_preset, trained_checkpoint
 
 __all__ = [
     "CaseMetricsCSV",
@@ -48,17 +53,20 @@ __all__ = [
     "InteractiveClickInferer",
     "MLflowRun",
     "MLflowRunHandler",
+    "ProgressBar",
     "TrainingCheckpoint",
-    "TrainingProgress",
     "as_bool",
     "atomic_torch_save",
     "barrier",
     "checked",
     "click_prepare_batch",
     "click_training_mode",
+    "describe_preset",
+    "exit_promptly",
     "is_rank0",
     "read_resume_state",
     "save_executed_config",
+    "trained_checkpoint",
     "training_inferer",
     "training_prepare_batch",
     "unwrap",

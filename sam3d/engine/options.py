@@ -35,3 +35,18 @@ def as_bool(value: Any, name: str = "option") -> bool:
         if text in _FALSE:
             return False
     raise Sam3DError(f"{name} must be true or false, got {value!r}")
+
+
+def default_workers(cap: int = 4) -> int:
+    """DataLoader workers for this machine: the CPUs this process may use, at most ``cap``.
+
+    PyTorch warns ("N workers, suggested max M") when a loader has more workers than
+    the CPUs of the process's affinity; a bundle's default must not make it warn.
+    """
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(cap), cpus))

@@ -136,3 +136,16 @@ def save_executed_config(path: str | Path) -> str:
             return str(path)
         frame = frame.f_back
     raise RuntimeError("save_executed_config must be called from a bundle config expression")
+
+
+def report_written(folder: str | Path, pattern: str = "*", what: str = "masks") -> int:
+    """Say where a bundle's inference wrote: ``inference: N masks (pattern) in /abs/folder``.
+
+    Counts the files matching ``pattern`` in ``folder`` (what the run and any earlier run
+    left there); prints one line on rank 0 and returns the count.
+    """
+    folder = Path(folder)
+    n = len(list(folder.glob(pattern))) if folder.is_dir() else 0
+    if is_rank0():
+        print(f"inference: {n} {what} ({pattern}) in {folder.resolve()}", flush=True)
+    return n

@@ -32,6 +32,26 @@ from sam3d.errors import Sam3DError
 logger = logging.getLogger("sam3d.engine")
 
 
+def run_name(bundle: str, step: str = "train", preset: Any = None) -> str:
+    """A run name that says what ran and when: ``echo-train-tiny-20261207-235901``.
+
+    ``preset``: a preset name or a model settings dict (its ``name``, else its SAM preset
+    and input side); MLflow's own random names repeat across bundles, because every bundle
+    seeds Python's ``random`` before the run is created.
+    """
+    if isinstance(preset, Mapping):
+        sam = preset.get("name") or preset.get("sam")
+        side = preset.get("image_size") or preset.get("img_size")
+        preset = "-".join(str(v) for v in (sam, side) if v)
+    parts = [bundle, step, str(preset) if preset else "", time.strftime("%Y%m%d-%H%M%S")]
+    return "-".join(p.replace(" ", "_") for p in parts if p)
+
+
+def run_name_default(experiment_name: str) -> str:
+    """``<experiment>-<YYYYmmdd-HHMMSS>``, when a bundle gives no run name."""
+    return f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 class MLflowRun:
     """The one MLflow run of a training, shared by the trainer's and evaluator's handlers.
 
@@ -70,7 +90,8 @@ class MLflowRun:
             )
         self.tracking_uri = uri
         self.experiment_name = experiment_name
-        self.run_name = run_name
+        # MLflow's random names repeat: every bundle seeds Python's random before the run
+        self.run_name = run_name or run_name_default(experiment_name)
         self.resume_file = resume_file
         self.max_epochs = max_epochs
         self.timeout_s = float(timeout_s)
@@ -83,6 +104,7 @@ class MLflowRun:
         self.deferred = False  # a TrainingCheckpoint sends after writing last.pt
         self._retry_at = 0.0
         self._outage: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
 
     # -- resilient calls ---------------------------------------------------------
 
@@ -252,7 +274,79 @@ class MLflowRun:
             db.parent.mkdir(parents=True, exist_ok=True)
         logger.info(f"mlflow: tracking into {self.tracking_uri} ({self.experiment_name!r})")
         self._deliver_leftovers()
+        self.guard("settling the previous run", self._settle_previous, force=True)
         return self
+
+    def _settle_previous(self) -> None:
+        """The run of the previous training in this bundle root, if MLflow still shows it
+        ``RUNNING``: a finished training (its ``last.pt`` complete; the server was down when
+        it ended) is marked ``FINISHED``, one that stopped part-way and is not resumed now
+        ``KILLED``. A resumable one is left to :attr:`run_id`, which reopens it."""
+        from sam3d.models.checkpoint import read_checkpoint
+
+        path = Path(self.resume_file) if self.resume_file else None
+        if path is None or not path.is_file():
+            return
+        state = read_checkpoint(path, "resume checkpoint")
+        previous = state.get("mlflow_run_id") if isinstance(state, dict) else None
+        if not previous:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(previous)
+        except MlflowException:
+            return  # another store, or deleted
+        if run.info.status != "RUNNING":
+            return
+        if read_resume_state(path, self.max_epochs) is not None:
+            return  # this start resumes it
+        finished = int(state.get("epoch", 0)) >= int(state.get("max_epochs", 0) or 0)
+        status = "FINISHED" if finished else "KILLED"
+        self.client.set_terminated(previous, status)
+        logger.warning(
+            f"mlflow: run {previous} of the previous training was left RUNNING; now {status}"
+        )
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM / SIGHUP / SIGINT: mark the run KILLED, then do what the signal did."""
+        import signal
+
+        if self._run_id is not None:
+            self.guard("marking the run KILLED", self.client.set_terminated, self._run_id,
+                       "KILLED", force=True)  # fmt: skip
+            logger.warning(f"mlflow: run {self._run_id} marked KILLED (signal {signum})")
+        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def release_signals(self) -> None:
+        """Give the signals back to their previous handlers (the run has ended)."""
+        import signal
+
+        for sig, previous in self._previous_handlers.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, previous)
+        self._previous_handlers.clear()
+
+    def _install_signal_handlers(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+            sig = getattr(signal, name, None)
+            if sig is None or sig in self._previous_handlers:
+                continue
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN or previous is None:
+                continue
+            self._previous_handlers[sig] = previous
+            signal.signal(sig, self._on_signal)
 
     @property
     def client(self) -> Any:
@@ -286,6 +380,7 @@ class MLflowRun:
                 self.client.update_run(previous, status="RUNNING")
                 self._run_id = run.info.run_id
                 logger.warning(f"mlflow: resuming run {self._run_id}")
+                self._install_signal_handlers()
                 return self._run_id
             except MlflowException:
                 logger.warning(f"mlflow: run {previous} of {self.resume_file} not found; new run")
@@ -300,6 +395,7 @@ class MLflowRun:
         run = self.client.create_run(exp_id, run_name=self.run_name)
         self._run_id = run.info.run_id
         logger.info(f"mlflow: run {self._run_id} ({run.info.run_name})")
+        self._install_signal_handlers()
         return self._run_id
 
 
@@ -347,7 +443,9 @@ class MLflowRunHandler(MLFlowHandler):
         if self.run.enabled:
             self.run.flush(force=True)
         if self.cur_run is not None:
-            self.run.guard("closing the run", super().close, force=True)
+            ok, _ = self.run.guard("closing the run", super().close, force=True)
+            if ok:
+                self.run.release_signals()
             self.cur_run = None
         else:
             self._dispose_sqlite_store()

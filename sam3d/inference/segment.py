@@ -111,7 +111,8 @@ def intensity_note(session: ClickSession) -> tuple[str, str | None]:
             f"the image's intensities ({vmin:.4g}..{vmax:.4g}, {100 * air:.2g}% of voxels at "
             f"or below {CT_AIR_HU:g}) do not look like CT in HU, which has air around the "
             f"body; the {lo:g}..{hi:g} HU window of preset {ds.get('name', '?')!r} may "
-            "saturate it; pass --dataset for another preset"
+            "saturate it. Every preset of sam3d (kits, lits, pancreas, colon) is a CT "
+            "window: there is no MRI preset, and a model trained on CT is not meant for MRI"
         )
     return note, warning
 

@@ -744,6 +744,18 @@ class SpacingAwareMetric(CaseMetric):
         super().__init__(include_background, reduction, get_not_nans)
         self.spacing_mm = spacing_mm
 
+    def __call__(self, y_pred: Any, y: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        # MONAI's base turns a y that is not a tensor into None; say what is wrong instead
+        for name, t in (("y_pred", y_pred), ("y", y)):
+            if not isinstance(t, (torch.Tensor, list, tuple)):
+                got = "nothing" if t is None else type(t).__name__
+                raise TypeError(
+                    f"{type(self).__name__}: {name} must be a torch.Tensor (B x C x spatial) "
+                    f"or a list of C x spatial tensors, got {got}; the compute_* functions "
+                    "also take numpy arrays."
+                )
+        return super().__call__(y_pred, y, **kwargs)
+
     def _spacing(self, y_pred: torch.Tensor, y: torch.Tensor, kwargs: dict) -> Any:
         for s in (kwargs.get("spacing_mm"), self.spacing_mm):
             if s is not None:

@@ -60,22 +60,27 @@ def evaluate_cases(
     rows: list[list[Any]] = [["case", "site", "dice", "gt_slices", "empty_slices"]]
     per_site: dict[str, list[float]] = {}
     n_gt = n_empty = 0
-    for case in cases:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(cases, desc="evaluation", unit="case")
+    for case in bar:
         image, label = load_image_label(case["image"], case["label"])
+        gt = label[0].numpy() > 0
+        # Only the slices scored are segmented (the reference scores the ground-truth ones)
+        ks = np.flatnonzero(gt.any(axis=(0, 1))) if gt_slices_only else None
         pred = segment_volume(
             network, image[0].numpy(), mode, batch_size, interpolation, edge_zero_px,
-            box_min_region_px, **grid_kwargs,
+            box_min_region_px, slices=ks, **grid_kwargs,
         )  # fmt: skip
-        gt = label[0].numpy() > 0
-        if gt_slices_only:
-            ks = np.flatnonzero(gt.any(axis=(0, 1)))
-            pred, gt = pred[:, :, ks], gt[:, :, ks]
+        if ks is not None:
+            gt = gt[:, :, ks]
         d = dice_3d(pred, gt)
         has_gt = gt.any(axis=(0, 1))
         empty = int((has_gt & ~(pred > 0).any(axis=(0, 1))).sum())
         n_gt, n_empty = n_gt + int(has_gt.sum()), n_empty + empty
         rows.append([nifti_stem(case["image"]), case["site"], f"{d:.6f}", int(has_gt.sum()), empty])
         per_site.setdefault(case["site"], []).append(d)
+        bar.set_postfix(dice=f"{d:.3f}", refresh=False)
     all_d = [d for v in per_site.values() for d in v]
     site_rows: list[list[Any]] = [["site", "n", "dice_mean", "dice_std"]]
     summary: dict[str, Any] = {"test_dice": float(np.mean(all_d)), "sites": {},

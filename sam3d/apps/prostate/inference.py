@@ -104,17 +104,26 @@ def segment_volume(
     interpolation: str = "bilinear",
     edge_zero_px: float = 0,
     box_min_region_px: float = 0,
+    slices: Sequence[int] | None = None,
     **grid_kwargs: Any,
 ) -> np.ndarray:
     """``I x J x K`` intensities -> uint8 mask ``I x J x K``, slice by slice along K.
 
-    Each slice is preprocessed as in training (:func:`volume_slices`, ``interpolation``),
-    segmented automatically (:class:`SliceInferer`, with its ``edge_zero_px`` and
-    ``box_min_region_px``) at ``s x s`` and resized back to ``I x J`` (nearest,
-    :func:`masks_to_volume`).
+    Each slice is preprocessed as in training (:func:`volume_slices`, intensities clipped
+    at the whole volume's percentiles, ``interpolation``), segmented automatically
+    (:class:`SliceInferer`, with its ``edge_zero_px`` and ``box_min_region_px``) at
+    ``s x s`` and resized back to ``I x J`` (nearest, :func:`masks_to_volume`). With
+    ``slices`` only those slices are segmented and the mask is ``I x J x len(slices)``.
     """
     net = network.module if hasattr(network, "module") else network
+    shape = tuple(volume.shape)
+    if slices is not None and len(slices) == 0:
+        return np.zeros((*shape[:2], 0), np.uint8)
     x = volume_slices(volume, net.img_size, net.mask_size, interpolation)
+    if slices is not None:
+        index = torch.as_tensor(list(slices), dtype=torch.long)
+        x = x[index] if isinstance(x, torch.Tensor) else x[index.numpy()]
+        shape = (*shape[:2], len(index))
     inferer = SliceInferer(
         mode,
         batch_size,
@@ -122,7 +131,7 @@ def segment_volume(
         box_min_region_px=box_min_region_px,
         **grid_kwargs,
     )
-    return masks_to_volume(inferer(x, net), volume.shape)
+    return masks_to_volume(inferer(x, net), shape)
 
 
 def inference_datalist(paths: Sequence[str | Path]) -> list[dict[str, str]]:
@@ -168,7 +177,14 @@ class SaveMaskd:
 
         src = item["image_path"]
         path = save_mask(item["pred"], self.output_dir / f"{nifti_stem(src)}_mask.nii.gz", src)
-        logger.info(f"prostate: {src} -> {path} ({int(np.sum(item['pred']))} voxels)")
+        n = int(np.sum(item["pred"]))
+        logger.info(f"prostate: {src} -> {path} ({n} voxels)")
+        if n == 0:
+            logger.warning(
+                f"prostate: the mask of {src} is empty: no slice got a mask (in grid mode no "
+                "candidate passed the IoU threshold: a model whose IoU head has not learnt, "
+                "or an image unlike its training data)"
+            )
         return {**item, "pred_path": path}
 
 
@@ -189,8 +205,10 @@ class VolumeEvaluator:
         self.postprocessing = postprocessing
 
     def run(self) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
         out = []
-        for i in range(len(self.dataset)):
+        for i in tqdm(range(len(self.dataset)), desc="inference", unit="volume"):
             item = self.dataset[i]
             item = {**item, "pred": self.inferer(item["image"], self.network)}
             if self.postprocessing is not None:
