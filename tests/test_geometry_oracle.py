@@ -106,11 +106,11 @@ def oracle_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "oracle.pt"
     path.write_bytes(b"oracle")  # the loader checks the file exists
 
-    def load(p, map_location="cpu"):
+    def load(p, map_location="cpu", kind=None, what=""):
         assert str(p) == str(path)
-        return oracle(), {"dataset": dict(KITS)}
+        return oracle(), {"dataset": dict(KITS), "model": "sam3d"}
 
-    monkeypatch.setattr(sam3d.models, "load_sam3d_checkpoint", load)
+    monkeypatch.setattr(sam3d.models, "load_trained", load)
     return path
 
 

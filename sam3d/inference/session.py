@@ -94,7 +94,7 @@ def load_model_for_inference(
     Any volumetric kind of the registry (Sam3D, the click-channel UNet baseline) is
     accepted; a planar one is refused in one line.
     """
-    from sam3d.models.checkpoint import load_trained
+    from sam3d.models import load_trained
     from sam3d.models.registry import get_kind
 
     device = default_device(device)  # refuse an unavailable device before loading
