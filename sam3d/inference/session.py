@@ -97,7 +97,7 @@ def load_model_for_inference(
     An official SAM-Med3D file gets the ``sammed3d`` dataset preset (the reference's 1.5 mm
     grid and intensities) and the published preset.
     """
-    from sam3d.models import load_trained
+    from sam3d.models.checkpoint import load_trained
     from sam3d.models.registry import get_kind
 
     device = default_device(device)  # refuse an unavailable device before loading
