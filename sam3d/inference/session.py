@@ -112,6 +112,11 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def _meets(a: tuple[Sequence[int], Sequence[int]], b: tuple[Sequence[int], Sequence[int]]) -> bool:
+    """Whether two half-open boxes ``(lo, hi)`` share a voxel."""
+    return all(a[0][i] < b[1][i] and b[0][i] < a[1][i] for i in range(3))
+
+
 @dataclass
 class _State:
     points_vox: list[tuple[float, float, float]]
@@ -176,6 +181,12 @@ class ClickSession:
         self._state = _State([], [], [])
         self.prob_grid: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        # the mask is False outside mask_box (original voxels, half-open: the bounding box of
+        # what the windows' inversions wrote); the mask tensor is kept and rewritten in place
+        self.mask_box: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 0, 0), (0, 0, 0))
+        self._mask_buffer: torch.Tensor | None = None
+        # window groups -> the box (original voxels) their inversion wrote in the kept mask
+        self._mask_groups: dict[frozenset[Origin], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._windows: list[Origin] = []
 
     # -- properties ---------------------------------------------------------------
@@ -207,6 +218,8 @@ class ClickSession:
         """Add one click and return the updated mask (bool ``I x J x K``, original grid).
 
         ``point`` is an original voxel index (i, j, k), or RAS millimetres with ``world``.
+        The mask is the session's own tensor (:attr:`mask`), rewritten in place by the next
+        click, undo or reset: ``clone()`` it to keep this state.
         """
         return self.add_clicks([point], [1 if positive else 0], world=world)
 
@@ -251,7 +264,12 @@ class ClickSession:
         """Forget all clicks (cached features are kept)."""
         self._history.clear()
         self._state = _State([], [], [])
+        if self._mask_buffer is not None:  # the kept tensor is reused by the next click
+            for lo, hi in self._mask_groups.values():
+                self._mask_buffer[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = False
+            self._mask_groups = {}
         self.prob_grid, self.mask, self._windows = None, None, []
+        self.mask_box = ((0, 0, 0), (0, 0, 0))
 
     def _grid_points(self, points_vox: Sequence[Sequence[float]]) -> np.ndarray:
         return original_to_grid(
@@ -265,34 +283,62 @@ class ClickSession:
         labels = torch.as_tensor(self._state.labels, dtype=torch.long)
         probs = self.predictor.predict_windows(grid, labels, self._state.seeds)
         self._windows = list(probs)
-        roi, shape = self.predictor.roi, self.predictor.shape
-        lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]
-        hi = [min(shape[a], max((o[a] + roi[a] for o in probs), default=0)) for a in range(3)]
-        return self._finish(self.predictor.stitch(probs), region=(lo, hi))
+        blended, changed = self.predictor.blend(probs)
+        return self._finish(blended, windows=self._windows, changed=changed)
 
     def _finish(
-        self, prob_grid: torch.Tensor, region: tuple[list[int], list[int]] | None = None
+        self,
+        prob_grid: torch.Tensor,
+        windows: Sequence[Origin] | None = None,
+        changed: set[Origin] | frozenset[Origin] = frozenset(),
     ) -> torch.Tensor:
-        """Threshold the map on the original grid; ``region``: the only nonzero grid box.
+        """Threshold the map on the original grid; ``windows``: the only nonzero part.
 
-        With a region only that box is resampled (a further click costs its windows,
-        not the whole volume); without, the whole map goes through ``Invertd``.
+        With windows, they are grouped (:meth:`WindowPredictor.clusters`) and only the boxes
+        of groups with a ``changed`` window are resampled and rewritten in the kept mask
+        tensor (a further click costs the windows it changes, not the whole volume, nor
+        the history); without, the whole map goes through ``Invertd``.
         """
         self.prob_grid = prob_grid
-        if region is None:
+        if windows is None:
             prob = invert_to_original(prob_grid, self.grid_image, self.transform)
             self.mask = prob > self.threshold
+            self._mask_buffer, self._mask_groups = None, {}  # the next click starts afresh
+            self.mask_box = ((0, 0, 0), self.original_shape)
             return self.mask
-        crop, lo, hi = invert_region_to_original(
-            prob_grid,
-            self.grid_image.affine,
-            self.original_affine,
-            self.original_shape,
-            *region,
-        )
-        mask = torch.zeros(self.original_shape, dtype=torch.bool, device=prob_grid.device)
-        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = crop > self.threshold
-        self.mask = mask
+        mask = self._mask_buffer
+        if mask is None or mask.device != prob_grid.device:
+            mask = torch.zeros(self.original_shape, dtype=torch.bool, device=prob_grid.device)
+            self._mask_groups = {}
+        groups = [frozenset(g) for g in self.predictor.clusters(windows)]
+        clean = {g for g in groups if g in self._mask_groups and g.isdisjoint(changed)}
+        stale = [box for g, box in self._mask_groups.items() if g not in clean]
+        for lo, hi in stale:  # what the last mask set there, not the whole volume
+            mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = False
+        boxes = {g: self._mask_groups[g] for g in clean}
+        for g in groups:
+            if g in clean and not any(_meets(boxes[g], box) for box in stale):
+                continue
+            crop, lo, hi = invert_region_to_original(
+                prob_grid,
+                self.grid_image.affine,
+                self.original_affine,
+                self.original_shape,
+                *self.predictor.windows_box(list(g)),
+            )
+            # groups lie >= 3 grid voxels apart: where their boxes overlap, at most one is
+            # above 0, so OR-ing them equals thresholding the whole map
+            mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= crop > self.threshold
+            boxes[g] = (lo, hi)
+        self._mask_groups = boxes
+        self._mask_buffer = self.mask = mask
+        if boxes:
+            self.mask_box = (
+                tuple(min(b[0][a] for b in boxes.values()) for a in range(3)),
+                tuple(max(b[1][a] for b in boxes.values()) for a in range(3)),
+            )
+        else:
+            self.mask_box = ((0, 0, 0), (0, 0, 0))
         return self.mask
 
     # -- automatic mode -----------------------------------------------------------
