@@ -110,6 +110,9 @@ def _growth(args: argparse.Namespace):
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
+    from sam3d.lightimport import import_monai_for_inference
+
+    import_monai_for_inference()  # no ignite / mlflow / matplotlib behind MONAI
     from sam3d.inference.segment import intensity_note, segment_file
 
     session = segment_file(
@@ -136,6 +139,9 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment_batch(args: argparse.Namespace) -> None:
+    from sam3d.lightimport import import_monai_for_inference
+
+    import_monai_for_inference()
     from sam3d.inference import load_model_for_inference
     from sam3d.inference.batch import list_cases, rank_device, segment_batch
 

@@ -23,7 +23,7 @@ final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from monai.transforms import (
     EnsureTyped,
     LabelToMaskd,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -66,6 +67,7 @@ __all__ = [
     "train_transforms",
     "val_transforms",
     "inference_transforms",
+    "WindowZScored",
 ]
 
 DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
@@ -140,6 +142,33 @@ def intensity_transforms(preset: dict, key: str = "image") -> list:
             keys=key, subtrahend=float(preset["mean"]), divisor=float(preset["std"])
         ),
     ]
+
+
+class WindowZScored(MapTransform):
+    """:func:`intensity_transforms` (clip to the HU window, z-score) in place, in float32.
+
+    For a tensor the chain owns (after :class:`~sam3d.data.resample.BoundedSpacingd`): no
+    whole-volume temporaries, where MONAI's two transforms make three. The same float32
+    operations in the same order as theirs: equal bit for bit.
+    """
+
+    def __init__(self, preset: dict, key: str = "image") -> None:
+        super().__init__([key])
+        self.lo, self.hi = (float(v) for v in preset["window_hu"])
+        self.mean, self.std = float(preset["mean"]), float(preset["std"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.dtype != torch.float32:
+                img = img.float()
+            # MONAI's operations in MONAI's order, in place: bit-identical results
+            span = self.hi - self.lo
+            img.sub_(self.lo).div_(span).mul_(span).add_(self.lo).clamp_(self.lo, self.hi)
+            img.sub_(self.mean).div_(self.std)
+            d[key] = img
+        return d
 
 
 def _tumour_label(preset: dict, key: str = "label") -> list:
@@ -243,6 +272,7 @@ def inference_transforms(
         clicks: append :class:`~sam3d.inference.grid.ClicksToGridd` (``points`` in
             original voxels, or RAS mm with ``world``, mapped onto the grid).
     """
+    from sam3d.data.resample import BoundedSpacingd
     from sam3d.inference.grid import ClicksToGridd, LoadVolumed
 
     if spacing_mm is None:
@@ -252,8 +282,10 @@ def inference_transforms(
         LoadVolumed(key, grid_spacing_mm=pixdim),  # refuses a grid too large, before Spacingd
         EnsureTyped(key, device=device, dtype=torch.float32, track_meta=True),
         Orientationd(key, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(key, pixdim=pixdim, mode="bilinear"),
-        *intensity_transforms(dict(preset), key=key),
+        # Spacingd(mode="bilinear")'s grid and record, without its float64 whole-grid spike;
+        # then intensity_transforms in place on the new tensor it returns
+        BoundedSpacingd(key, pixdim=pixdim),
+        WindowZScored(dict(preset), key=key),
     ]
     if clicks:
         chain.append(ClicksToGridd(ref_key=key, world=world))
