@@ -409,3 +409,32 @@ def test_incremental_stitch_equals_a_full_restitch_exactly():
         checked += 1
         sizes = max(sizes, len(probs))
     assert checked > 15 and sizes > 2  # many states checked, some with grown windows
+
+
+def test_session_memory_follows_its_formula(tiny):
+    """What an open session holds (its tensors) is what session_bytes_estimate says from the
+    shapes and window_bytes, after clicks in several windows, an undo and a reset."""
+    from sam3d.inference import session_bytes_estimate, window_bytes
+
+    model, dataset = tiny
+    img = MetaTensor(
+        torch.zeros(1, 70, 60, 24), affine=torch.diag(torch.tensor([0.8, 0.9, 2.5, 1.0]))
+    )
+    s = ClickSession(model, img, dataset, device="cpu", growth=NO_GROWTH)
+    per_window = window_bytes(model)
+    r = model.crop_size
+    f = s.predictor.features((0, 0, 0))  # Sam3DFeatures: the prompted map and the context
+    feats = sum(t.numel() * t.element_size() for t in (f.prompt_map, f.context))
+    assert feats > 4 * r**3 and per_window == feats + 4 * r**3  # + one float32 probability
+    s.predictor.cache.clear()
+    for p in [(5, 5, 3), (60, 50, 20), (30, 30, 12)]:
+        s.click(p)
+    s.undo()
+    s.reset()
+    s.click((60, 50, 20), positive=False)
+    got = s.resident_bytes()
+    n = len(s.predictor.cache)
+    assert n == 3
+    grid = tuple(s.grid_image.shape[1:])
+    assert got["total"] == session_bytes_estimate(img.shape[1:], grid, n, per_window)
+    assert got["windows"] == n * per_window

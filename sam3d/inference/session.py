@@ -13,6 +13,7 @@ the decoder. Masks come back on the original voxel grid.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,69 @@ from sam3d.inference.grid import (
     world_to_original,
 )
 from sam3d.inference.windows import Origin, WindowGrowth, WindowPredictor, select_seed_windows
+
+# Resident memory of an open session (measured in docs/BENCHMARKS.md, "Memory of a session"):
+# per voxel of the original image, the image (float32) and the mask (bool);
+BYTES_PER_ORIGINAL_VOXEL = 4 + 1
+# per voxel of the model's grid, the preprocessed volume and the stitched map (float32 each);
+BYTES_PER_GRID_VOXEL = 4 + 4
+# per cached window: its encoder features plus its last probability (float32, roi voxels),
+# see window_bytes.
+
+
+def tensor_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples, dataclasses), each once."""
+    seen: set[int] = set()
+
+    def walk(o: Any) -> int:
+        if isinstance(o, torch.Tensor):
+            key = id(o)
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.numel() * o.element_size()
+        if isinstance(o, Mapping):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        if dataclasses.is_dataclass(o):  # Sam3DFeatures
+            return sum(walk(getattr(o, f.name)) for f in dataclasses.fields(o))
+        return 0
+
+    return walk(obj)
+
+
+def window_bytes(model: Any, roi: int | Sequence[int] | None = None, device: Any = "cpu") -> int:
+    """Resident bytes of one cached window of ``model``: encoder features + kept probability.
+
+    Measured by encoding one blank window (once per model and window size: seconds for
+    vit_b on a CPU); the features' size does not depend on the image.
+    """
+    from sam3d.inference.windows import roi_tuple
+
+    r = roi_tuple(roi if roi is not None else model.crop_size)
+    with torch.inference_mode():
+        feats = model.encode(torch.zeros(1, 1, *r, device=device))
+    return tensor_nbytes(feats) + 4 * int(np.prod(r))
+
+
+def session_bytes_estimate(
+    original_shape: Sequence[int],
+    grid_shape: Sequence[int],
+    n_windows: int,
+    bytes_per_window: int,
+) -> int:
+    """Resident bytes of a :class:`ClickSession` with ``n_windows`` cached windows.
+
+    ``BYTES_PER_ORIGINAL_VOXEL`` x original voxels + ``BYTES_PER_GRID_VOXEL`` x grid voxels
+    + ``n_windows`` x :func:`window_bytes`; what a server's admission limit derives from
+    (:meth:`ClickSession.resident_bytes` gives the measured value of an open session).
+    """
+    return (
+        BYTES_PER_ORIGINAL_VOXEL * int(np.prod(original_shape))
+        + BYTES_PER_GRID_VOXEL * int(np.prod(grid_shape))
+        + int(n_windows) * int(bytes_per_window)
+    )
 
 
 def resolve_dataset(dataset: Mapping[str, Any] | str) -> dict[str, Any]:
@@ -209,6 +273,23 @@ class ClickSession:
     def windows(self) -> list[Origin]:
         """Origins (grid voxels) of the windows decoded for the current mask."""
         return list(self._windows)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held by this session's tensors, by part, and their ``total``.
+
+        ``volume``: the original image, the grid and the stitched map; ``mask``: the kept
+        mask; ``windows``: cached encoder features and kept window probabilities.
+        """
+        p = self.predictor
+        parts = {
+            "volume": tensor_nbytes([self.original_image, self.grid_image, p.blended]),
+            "mask": tensor_nbytes(
+                self._mask_buffer if self._mask_buffer is not None else self.mask
+            ),
+            "windows": tensor_nbytes([p.cache, [v[2] for v in p.decoded.values()]]),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
 
     # -- clicks -------------------------------------------------------------------
 
