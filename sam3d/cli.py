@@ -146,6 +146,9 @@ def _checkpoint_or_shipped(checkpoint: Path | None) -> Path:
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
+    from sam3d.lightimport import import_monai_for_inference
+
+    import_monai_for_inference()  # no ignite / mlflow / matplotlib behind MONAI
     from sam3d.inference.segment import intensity_note, segment_file
 
     session = segment_file(
@@ -172,6 +175,9 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment_batch(args: argparse.Namespace) -> None:
+    from sam3d.lightimport import import_monai_for_inference
+
+    import_monai_for_inference()
     from sam3d.inference import load_model_for_inference
     from sam3d.inference.batch import list_cases, rank_device, segment_batch
     from sam3d.inference.session import resolve_dataset

@@ -15,8 +15,10 @@ per metric:
 - clDice (both skeletons + the score): ours against scikit-image ``skeletonize``
   (CPU).
 
-Prints the device, the values, their differences, and time ratios (reference time /
-our time). Default size: 512x512x160 on CUDA, 256x256x80 on the CPU.
+Ours and each reference run alternately (A B A B ..., ``--repeats`` rounds, after one
+warm-up of ours); prints the device, the values, their differences, and the time ratio
+(reference / ours) as the median and spread of the round-by-round ratios. Default size:
+512x512x160 on CUDA, 256x256x80 on the CPU.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import argparse
 import os
 import platform
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchtime import alternate, ratio_summary  # noqa: E402
 
 from sam3d.data.phantoms import make_ct_phantom, smooth_field
 from sam3d.metrics.cldice import compute_cldice
@@ -39,21 +45,6 @@ from sam3d.metrics.surface import compute_assd, compute_hd95, compute_surface_di
 # surface-distance 0.1 still uses names that NumPy 2 removed.
 np.Inf = np.inf  # noqa: NPY201
 np.NaN = np.nan  # noqa: NPY201
-
-
-def _time(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, object]:
-    """Median seconds over ``repeats`` runs after one warm-up, and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def make_pair(size, spacing_mm, kind: str = "body", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,32 +106,44 @@ def main() -> None:
 
     import surface_distance as sd
 
-    t_dm, dm = _time(lambda: sd.compute_surface_distances(gt, pred, spacing), 1, "cpu")
+    sync = torch.cuda.synchronize if dev == "cuda" else None
+    rounds = max(1, args.repeats)
+
+    def deepmind():
+        return sd.compute_surface_distances(gt, pred, spacing)
+
+    dm = deepmind()
     dm_nsd = float(sd.compute_surface_dice_at_tolerance(dm, tol))
     dm_hd = float(sd.compute_robust_hausdorff(dm, 95))
     dm_assd = float(np.mean(sd.compute_average_surface_distance(dm)))
 
-    t_ours, nsd = _time(lambda: compute_surface_dice(p_t, g_t, spacing, tol), args.repeats, dev)
+    def pair(ours: Callable[[], object], reference: Callable[[], object]):
+        ours()  # warm-up (kernels, caches); the reference ran once already
+        a, b = alternate(ours, reference, rounds=rounds, warmup=0, sync=sync)
+        return a, ours(), b
+
+    t_ours, nsd, t_dm = pair(lambda: compute_surface_dice(p_t, g_t, spacing, tol), deepmind)
     rows.append(("NSD", t_ours, float(nsd), "DeepMind (CPU)", t_dm, dm_nsd))
     if not args.skip_monai:
         from monai.metrics import compute_surface_dice as monai_nsd
 
         p2 = torch.stack([~p_t, p_t])[None].float()
         g2 = torch.stack([~g_t, g_t])[None].float()
+
+        def monai() -> torch.Tensor:
+            return monai_nsd(p2, g2, [tol], spacing=spacing, use_subvoxels=True)
+
         try:
-            t_mo, mo = _time(
-                lambda: monai_nsd(p2, g2, [tol], spacing=spacing, use_subvoxels=True),
-                args.repeats,
-                dev,
-            )
+            mo = monai()
+            t_o2, _, t_mo = pair(lambda: compute_surface_dice(p_t, g_t, spacing, tol), monai)
             rows.append(
-                ("NSD", t_ours, float(nsd), f"MONAI subvoxels ({dev})", t_mo, float(mo[0, 0]))
+                ("NSD", t_o2, float(nsd), f"MONAI subvoxels ({dev})", t_mo, float(mo[0, 0]))
             )
         except Exception as err:  # e.g. no cuCIM for MONAI's GPU path
             print(f"MONAI compute_surface_dice failed on {dev}: {err}")
-    t_hd, hd = _time(lambda: compute_hd95(p_t, g_t, spacing), args.repeats, dev)
+    t_hd, hd, t_dm = pair(lambda: compute_hd95(p_t, g_t, spacing), deepmind)
     rows.append(("HD95 mm", t_hd, float(hd), "DeepMind (CPU)", t_dm, dm_hd))
-    t_as, assd = _time(lambda: compute_assd(p_t, g_t, spacing), args.repeats, dev)
+    t_as, assd, t_dm = pair(lambda: compute_assd(p_t, g_t, spacing), deepmind)
     rows.append(("ASSD mm", t_as, float(assd), "DeepMind (CPU)", t_dm, dm_assd))
 
     if not args.skip_cldice:
@@ -151,17 +154,22 @@ def main() -> None:
             tprec, tsens = (sp & gt).sum() / sp.sum(), (sg & pred).sum() / sg.sum()
             return float(2 * tprec * tsens / (tprec + tsens))
 
-        t_sk, ref_cl = _time(sk_cldice, 1, "cpu")
-        t_cl, cl = _time(lambda: compute_cldice(p_t, g_t), max(1, args.repeats - 1), dev)
+        ref_cl = sk_cldice()
+        t_cl, cl, t_sk = pair(lambda: compute_cldice(p_t, g_t), sk_cldice)
         rows.append(("clDice", t_cl, float(cl), "scikit-image (CPU)", t_sk, ref_cl))
 
     print()
-    print(f"| metric | ours ({dev}) | value | reference | ref time | ref value | |diff| | ratio |")
+    print(
+        f"| metric | ours ({dev}), median | value | reference | ref time, median | ref value "
+        "| |diff| | ratio ref / ours: median [min-max] over alternating rounds |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for metric, t, v, ref, tr, vr in rows:
+        s = ratio_summary(tr, t)
         print(
-            f"| {metric} | {t * 1e3:.1f} ms | {v:.6f} | {ref} | {tr * 1e3:.1f} ms | {vr:.6f} "
-            f"| {abs(v - vr):.2e} | x{tr / t:.1f} |"
+            f"| {metric} | {statistics.median(t) * 1e3:.1f} ms | {v:.6f} | {ref} | "
+            f"{statistics.median(tr) * 1e3:.1f} ms | {vr:.6f} | {abs(v - vr):.2e} | "
+            f"x{s['median']:.2f} [x{s['min']:.2f}-x{s['max']:.2f}], {s['rounds']} rounds |"
         )
 
 

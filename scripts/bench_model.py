@@ -8,7 +8,10 @@ Times, on one device and in one process:
 - reference: the same weights run in the anchor's formulation (x4 upsampled crop, SAM's 2D
   patch conv on every slice, explicit attention with a materialised bias), float32, batch 1.
 
-Prints one line per measurement (median milliseconds, peak memory) and the ratios.
+Prints one line per measurement (median milliseconds, peak memory) and the ratios; the
+time ratios are then measured again with ours and the reference alternating (A B A B ...,
+``max(3, repeats // 3)`` rounds at b=1), printed as the median and spread of the
+round-by-round ratios (the figure to quote: the first ones follow the machine's load).
 
     python scripts/bench_model.py                       # vit_b, 128^3, cuda if available
     python scripts/bench_model.py --device cpu --preset tiny --crop 32 --repeats 3
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,10 @@ from pathlib import Path
 import torch
 from monai.losses import DiceCELoss
 
-from sam3d.models import Sam3D, build_sam3d, count_parameters
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchtime import alternate, ratio_line, ratio_summary  # noqa: E402
+
+from sam3d.models import Sam3D, build_sam3d, count_parameters  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -64,13 +71,22 @@ def make_batch(batch: int, crop: int, device: torch.device, n_clicks: int = 1):
     return images.to(device), labels.to(device), points.to(device), point_labels.to(device)
 
 
+def inference_call(model: Sam3D, batch, device, amp: bool) -> Callable[[], torch.Tensor]:
+    """Encode + decode one batch without grad."""
+    images, _, points, point_labels = batch
+
+    def full():
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return model.decode(model.encode(images), points, point_labels)
+
+    return full
+
+
 def bench_inference(model: Sam3D, batch, device, amp: bool, repeats: int, warmup: int):
     images, _, points, point_labels = batch
     model.eval()
-
-    def full():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return model.decode(model.encode(images), points, point_labels)
+    full = inference_call(model, batch, device, amp)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         feats = model.encode(images)
@@ -84,7 +100,8 @@ def bench_inference(model: Sam3D, batch, device, amp: bool, repeats: int, warmup
     return t_full, m_full, t_dec
 
 
-def bench_train_step(model: Sam3D, batch, device, amp: bool, repeats: int, warmup: int):
+def train_step_call(model: Sam3D, batch, device, amp: bool) -> Callable[[], None]:
+    """One training step (forward, DiceCE, backward, AdamW)."""
     images, labels, points, point_labels = batch
     model.train()
     loss_fn = DiceCELoss(
@@ -93,6 +110,7 @@ def bench_train_step(model: Sam3D, batch, device, amp: bool, repeats: int, warmu
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
+        model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images, points, point_labels)
         loss = loss_fn(logits.float(), labels)
@@ -100,7 +118,35 @@ def bench_train_step(model: Sam3D, batch, device, amp: bool, repeats: int, warmu
         loss.backward()
         opt.step()
 
-    return measure(step, device, repeats, warmup)
+    return step
+
+
+def bench_train_step(model: Sam3D, batch, device, amp: bool, repeats: int, warmup: int):
+    return measure(train_step_call(model, batch, device, amp), device, repeats, warmup)
+
+
+def alternating_ratios(model: Sam3D, batch, device, amp: bool, rounds: int) -> dict:
+    """Ours and the anchor's formulation alternately (A B A B ...), b=1: reference / ours."""
+
+    def as_reference(fn: Callable[[], object], on: bool) -> Callable[[], object]:
+        def run():
+            model.set_reference(on)
+            try:
+                return fn()
+            finally:
+                model.set_reference(False)
+
+        return run
+
+    out = {}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    for name, make in (("inference", inference_call), ("train step", train_step_call)):
+        ours = as_reference(make(model, batch, device, amp), False)
+        ref = as_reference(make(model, batch, device, False), True)
+        a, b = alternate(ours, ref, rounds=rounds, warmup=1, sync=sync)
+        out[name] = ratio_summary(b, a)
+        print(ratio_line(f"ratio reference / ours, b=1, {name} (time)", b, a, "ms"))
+    return out
 
 
 def profile_train_step(model: Sam3D, batch, device, amp: bool, rows: int = 20) -> None:
@@ -210,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
             "train_ms": t_tr,
             "train_gib": m_tr,
         }
+        rounds = max(3, args.repeats // 3)
+        results["alternating"] = alternating_ratios(model, batch, device, amp, rounds)
         ours = results["ours"].get(1)
         if ours:
             print(

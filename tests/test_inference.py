@@ -148,7 +148,7 @@ def test_further_clicks_never_call_the_encoder(tmp_path, tiny):
         session = ClickSession(model, path, dataset, device="cpu", growth=NO_GROWTH)
         first = session.click((12, 12, 6)).clone()
         assert len(calls) == 1 and tuple(calls[0][2:]) == (model.crop_size,) * 3
-        second = session.click((14, 11, 6))
+        second = session.click((14, 11, 6)).clone()  # the session rewrites its mask in place
         session.click((9, 13, 5), positive=False)
         assert len(calls) == 1 and session.encode_calls == 1
         torch.testing.assert_close(session.undo(), second)
@@ -223,6 +223,17 @@ def test_negative_click_removes_a_region():
     after = session.click((11, 11, 11), positive=False).numpy()
     assert after[a].all() and not after[b].any() and after.sum() == 64
     assert model.encode_calls == 1
+
+
+def test_a_click_after_automatic_mode_keeps_only_its_lesion():
+    a = (slice(4, 8), slice(4, 8), slice(4, 8))
+    b = (slice(9, 13), slice(9, 13), slice(9, 13))
+    image, _ = _volume((16, 16, 16), [a, b])
+    session = ClickSession(BrightComponentModel(16), image, KITS, device="cpu")
+    auto = session.segment_all().clone()
+    assert auto[a].all() and auto[b].all()
+    mask = session.click((5, 5, 5))
+    assert mask[a].all() and int(mask.sum()) == 64
 
 
 def test_automatic_mode_finds_every_lesion_with_sliding_windows():
@@ -324,3 +335,106 @@ def test_session_mask_equals_thresholded_full_inversion():
     mask = s.click((8, 9, 6))
     full = invert_to_original(s.prob_grid, s.grid_image, s.transform) > s.threshold
     assert torch.equal(mask, full) and int(mask.sum()) > 0
+
+
+class ClickBumpModel(torch.nn.Module):
+    """Stand-in whose map depends on every click: a bump of +logit around each positive
+    click and of -logit around each negative one, plus a little of the image, so clicks
+    grow windows, and undo, reset and negative clicks change them."""
+
+    crop_size = 10
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.clone()
+
+    def decode(self, features, points, point_labels) -> torch.Tensor:
+        r = features.shape[-1]
+        ax = torch.arange(r, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1)  # r x r x r x 3
+        t = 0.1 * features[0, 0] - 2.0
+        for p, lab in zip(points[0], point_labels[0]):
+            if int(lab) < 0:
+                continue
+            bump = 8.0 * torch.exp(-((grid - p) ** 2).sum(-1) / 40.0)
+            t = t + (bump if int(lab) == 1 else -bump)
+        return torch.stack([-t, t])[None]
+
+
+def test_incremental_stitch_equals_a_full_restitch_exactly():
+    """After random clicks, undos and resets, the session's kept map (rewritten only in the
+    boxes of the windows each click decodes) equals a new whole-grid stitch of the same
+    clicks by a fresh predictor, bit for bit; so does the mask against one built from it."""
+    from sam3d.inference.grid import invert_region_to_original
+    from sam3d.inference.windows import WindowPredictor
+
+    rng = np.random.default_rng(0)
+    img = MetaTensor(torch.as_tensor(rng.normal(0, 50, (44, 36, 30)), dtype=torch.float32)[None])
+    growth = WindowGrowth(max_windows=6, max_extent_mm=30)
+    s = ClickSession(ClickBumpModel(), img, KITS, device="cpu", growth=growth)
+    checked = sizes = 0
+    script = ["click", "undo", "near"] * 4  # the same window, other prompts, same labels
+    for step in range(45):
+        action = (
+            script[step]
+            if step < len(script)
+            else rng.choice(["click", "near", "undo", "reset"], p=[0.45, 0.15, 0.3, 0.1])
+        )
+        if action == "near" and s.points_vox:
+            near = [c + float(rng.uniform(-2, 2)) for c in s.points_vox[-1]]
+            s.click([min(max(c, 0.0), n - 1.0) for c, n in zip(near, (44, 36, 30))])
+        elif action == "undo" and s._history:
+            s.undo()
+        elif action == "reset":
+            s.reset()
+            assert s.mask is None
+            continue
+        elif action == "click":
+            point = [float(rng.uniform(0, n - 1)) for n in (44, 36, 30)]
+            s.click(point, positive=bool(rng.random() < 0.75))
+        if s.prob_grid is None:
+            continue
+        fresh = WindowPredictor(s.model, s.grid_image.as_tensor(), s.predictor.roi, growth=growth)
+        grid = torch.as_tensor(s._grid_points(s.points_vox), dtype=torch.float32)
+        probs = fresh.predict_windows(grid, torch.as_tensor(s.point_labels), s._state.seeds)
+        assert list(probs) == s.windows
+        full = fresh.stitch(probs)
+        assert torch.equal(s.prob_grid, full), f"step {step}: the kept map drifted"
+        lo, hi = fresh.windows_box(list(probs))
+        crop, a, b = invert_region_to_original(
+            full, s.grid_image.affine, s.original_affine, s.original_shape, lo, hi
+        )
+        mask = torch.zeros(s.original_shape, dtype=torch.bool)
+        mask[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = crop > s.threshold
+        assert torch.equal(s.mask, mask), f"step {step}: the kept mask drifted"
+        checked += 1
+        sizes = max(sizes, len(probs))
+    assert checked > 15 and sizes > 2  # many states checked, some with grown windows
+
+
+def test_session_memory_follows_its_formula(tiny):
+    """What an open session holds (its tensors) is what session_bytes_estimate says from the
+    shapes and window_bytes, after clicks in several windows, an undo and a reset."""
+    from sam3d.inference import session_bytes_estimate, window_bytes
+
+    model, dataset = tiny
+    img = MetaTensor(
+        torch.zeros(1, 70, 60, 24), affine=torch.diag(torch.tensor([0.8, 0.9, 2.5, 1.0]))
+    )
+    s = ClickSession(model, img, dataset, device="cpu", growth=NO_GROWTH)
+    per_window = window_bytes(model)
+    r = model.crop_size
+    f = s.predictor.features((0, 0, 0))  # Sam3DFeatures: the prompted map and the context
+    feats = sum(t.numel() * t.element_size() for t in (f.prompt_map, f.context))
+    assert feats > 4 * r**3 and per_window == feats + 4 * r**3  # + one float32 probability
+    s.predictor.cache.clear()
+    for p in [(5, 5, 3), (60, 50, 20), (30, 30, 12)]:
+        s.click(p)
+    s.undo()
+    s.reset()
+    s.click((60, 50, 20), positive=False)
+    got = s.resident_bytes()
+    n = len(s.predictor.cache)
+    assert n == 3
+    grid = tuple(s.grid_image.shape[1:])
+    assert got["total"] == session_bytes_estimate(img.shape[1:], grid, n, per_window)
+    assert got["windows"] == n * per_window

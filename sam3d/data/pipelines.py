@@ -23,7 +23,7 @@ final tensor. Deterministic steps come first so ``CacheDataset`` caches them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from monai.transforms import (
     EnsureTyped,
     LabelToMaskd,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
@@ -70,6 +71,7 @@ __all__ = [
     "train_transforms",
     "val_transforms",
     "inference_transforms",
+    "WindowZScored",
 ]
 
 DATASET_PRESET_DIR = CONFIG_DIR / "datasets"
@@ -166,6 +168,33 @@ def intensity_transforms(preset: dict, key: str = "image") -> list:
             keys=key, subtrahend=float(preset["mean"]), divisor=float(preset["std"])
         ),
     ]
+
+
+class WindowZScored(MapTransform):
+    """:func:`intensity_transforms` (clip to the HU window, z-score) in place, in float32.
+
+    For a tensor the chain owns (after :class:`~sam3d.data.resample.BoundedSpacingd`): no
+    whole-volume temporaries, where MONAI's two transforms make three. The same float32
+    operations in the same order as theirs: equal bit for bit.
+    """
+
+    def __init__(self, preset: dict, key: str = "image") -> None:
+        super().__init__([key])
+        self.lo, self.hi = (float(v) for v in preset["window_hu"])
+        self.mean, self.std = float(preset["mean"]), float(preset["std"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.dtype != torch.float32:
+                img = img.float()
+            # MONAI's operations in MONAI's order, in place: bit-identical results
+            span = self.hi - self.lo
+            img.sub_(self.lo).div_(span).mul_(span).add_(self.lo).clamp_(self.lo, self.hi)
+            img.sub_(self.mean).div_(self.std)
+            d[key] = img
+        return d
 
 
 def _tumour_label(preset: dict, key: str = "label") -> list:
@@ -340,6 +369,8 @@ def inference_transforms(
         clicks: append :class:`~sam3d.data.geometry.ClicksToGridd` (``points`` in
             original voxels, or RAS mm with ``world``, mapped onto the grid).
     """
+    from sam3d.data.resample import BoundedSpacingd
+
     if spacing_mm is None:
         spacing_mm = preset.get("spacing_mm", 1.0)
     pixdim = [float(spacing_mm)] * 3 if np.ndim(spacing_mm) == 0 else [float(v) for v in spacing_mm]
@@ -347,8 +378,10 @@ def inference_transforms(
         LoadVolumed(key, grid_spacing_mm=pixdim),  # refuses a grid too large, before Spacingd
         EnsureTyped(key, device=device, dtype=torch.float32, track_meta=True),
         Orientationd(key, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(key, pixdim=pixdim, mode="bilinear"),
-        *intensity_transforms(dict(preset), key=key),
+        # Spacingd(mode="bilinear")'s grid and record, without its float64 whole-grid spike;
+        # then intensity_transforms in place on the new tensor it returns
+        BoundedSpacingd(key, pixdim=pixdim),
+        WindowZScored(dict(preset), key=key),
     ]
     if clicks:
         chain.append(ClicksToGridd(ref_key=key, world=world))

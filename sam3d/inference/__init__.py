@@ -13,6 +13,8 @@ from sam3d.inference.session import (
     default_device,
     load_model_for_inference,
     resolve_dataset,
+    session_bytes_estimate,
+    window_bytes,
 )
 from sam3d.inference.windows import WindowGrowth, WindowPredictor
 
@@ -29,4 +31,6 @@ __all__ = [
     "preprocessing",
     "resolve_dataset",
     "save_mask",
+    "session_bytes_estimate",
+    "window_bytes",
 ]

@@ -13,6 +13,7 @@ the decoder. Masks come back on the original voxel grid.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,69 @@ from sam3d.inference.grid import (
     world_to_original,
 )
 from sam3d.inference.windows import Origin, WindowGrowth, WindowPredictor, select_seed_windows
+
+# Resident memory of an open session (measured in docs/BENCHMARKS.md, "Memory of a session"):
+# per voxel of the original image, the image (float32) and the mask (bool);
+BYTES_PER_ORIGINAL_VOXEL = 4 + 1
+# per voxel of the model's grid, the preprocessed volume and the stitched map (float32 each);
+BYTES_PER_GRID_VOXEL = 4 + 4
+# per cached window: its encoder features plus its last probability (float32, roi voxels),
+# see window_bytes.
+
+
+def tensor_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples, dataclasses), each once."""
+    seen: set[int] = set()
+
+    def walk(o: Any) -> int:
+        if isinstance(o, torch.Tensor):
+            key = id(o)
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.numel() * o.element_size()
+        if isinstance(o, Mapping):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        if dataclasses.is_dataclass(o):  # Sam3DFeatures
+            return sum(walk(getattr(o, f.name)) for f in dataclasses.fields(o))
+        return 0
+
+    return walk(obj)
+
+
+def window_bytes(model: Any, roi: int | Sequence[int] | None = None, device: Any = "cpu") -> int:
+    """Resident bytes of one cached window of ``model``: encoder features + kept probability.
+
+    Measured by encoding one blank window (once per model and window size: seconds for
+    vit_b on a CPU); the features' size does not depend on the image.
+    """
+    from sam3d.inference.windows import roi_tuple
+
+    r = roi_tuple(roi if roi is not None else model.crop_size)
+    with torch.inference_mode():
+        feats = model.encode(torch.zeros(1, 1, *r, device=device))
+    return tensor_nbytes(feats) + 4 * int(np.prod(r))
+
+
+def session_bytes_estimate(
+    original_shape: Sequence[int],
+    grid_shape: Sequence[int],
+    n_windows: int,
+    bytes_per_window: int,
+) -> int:
+    """Resident bytes of a :class:`ClickSession` with ``n_windows`` cached windows.
+
+    ``BYTES_PER_ORIGINAL_VOXEL`` x original voxels + ``BYTES_PER_GRID_VOXEL`` x grid voxels
+    + ``n_windows`` x :func:`window_bytes`; what a server's admission limit derives from
+    (:meth:`ClickSession.resident_bytes` gives the measured value of an open session).
+    """
+    return (
+        BYTES_PER_ORIGINAL_VOXEL * int(np.prod(original_shape))
+        + BYTES_PER_GRID_VOXEL * int(np.prod(grid_shape))
+        + int(n_windows) * int(bytes_per_window)
+    )
 
 
 def resolve_dataset(dataset: Mapping[str, Any] | str) -> dict[str, Any]:
@@ -162,6 +226,11 @@ def check_automatic_mode(meta: Mapping[str, Any], checkpoint: Any) -> None:
         )
 
 
+def _meets(a: tuple[Sequence[int], Sequence[int]], b: tuple[Sequence[int], Sequence[int]]) -> bool:
+    """Whether two half-open boxes ``(lo, hi)`` share a voxel."""
+    return all(a[0][i] < b[1][i] and b[0][i] < a[1][i] for i in range(3))
+
+
 @dataclass
 class _State:
     points_vox: list[tuple[float, float, float]]
@@ -229,6 +298,12 @@ class ClickSession:
         self._state = _State([], [], [])
         self.prob_grid: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        # the mask is False outside mask_box (original voxels, half-open: the bounding box of
+        # what the windows' inversions wrote); the mask tensor is kept and rewritten in place
+        self.mask_box: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 0, 0), (0, 0, 0))
+        self._mask_buffer: torch.Tensor | None = None
+        # window groups -> the box (original voxels) their inversion wrote in the kept mask
+        self._mask_groups: dict[frozenset[Origin], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._windows: list[Origin] = []
 
     # -- properties ---------------------------------------------------------------
@@ -252,6 +327,23 @@ class ClickSession:
         """Origins (grid voxels) of the windows decoded for the current mask."""
         return list(self._windows)
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held by this session's tensors, by part, and their ``total``.
+
+        ``volume``: the original image, the grid and the stitched map; ``mask``: the kept
+        mask; ``windows``: cached encoder features and kept window probabilities.
+        """
+        p = self.predictor
+        parts = {
+            "volume": tensor_nbytes([self.original_image, self.grid_image, p.blended]),
+            "mask": tensor_nbytes(
+                self._mask_buffer if self._mask_buffer is not None else self.mask
+            ),
+            "windows": tensor_nbytes([p.cache, [v[2] for v in p.decoded.values()]]),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
     # -- clicks -------------------------------------------------------------------
 
     def click(
@@ -260,6 +352,8 @@ class ClickSession:
         """Add one click and return the updated mask (bool ``I x J x K``, original grid).
 
         ``point`` is an original voxel index (i, j, k), or RAS millimetres with ``world``.
+        The mask is the session's own tensor (:attr:`mask`), rewritten in place by the next
+        click, undo or reset: ``clone()`` it to keep this state.
         """
         return self.add_clicks([point], [1 if positive else 0], world=world)
 
@@ -304,7 +398,12 @@ class ClickSession:
         """Forget all clicks (cached features are kept)."""
         self._history.clear()
         self._state = _State([], [], [])
+        if self._mask_buffer is not None:  # the kept tensor is reused by the next click
+            for lo, hi in self._mask_groups.values():
+                self._mask_buffer[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = False
+            self._mask_groups = {}
         self.prob_grid, self.mask, self._windows = None, None, []
+        self.mask_box = ((0, 0, 0), (0, 0, 0))
 
     def _grid_points(self, points_vox: Sequence[Sequence[float]]) -> np.ndarray:
         return original_to_grid(
@@ -320,36 +419,64 @@ class ClickSession:
         previous = self._history[-1].prob if self._history else None
         probs = self.predictor.predict_windows(grid, labels, self._state.seeds, previous)
         self._windows = list(probs)
-        roi, shape = self.predictor.roi, self.predictor.shape
-        lo = [max(0, min((o[a] for o in probs), default=0)) for a in range(3)]
-        hi = [min(shape[a], max((o[a] + roi[a] for o in probs), default=0)) for a in range(3)]
-        prob = self.predictor.stitch(probs)
-        self._state.prob = prob.half() if self.predictor.takes_mask_prompt else None
-        return self._finish(prob, region=(lo, hi))
+        blended, changed = self.predictor.blend(probs)
+        # kept for the next click's mask prompt (a copy: the blended map changes in place)
+        self._state.prob = blended.half() if self.predictor.takes_mask_prompt else None
+        return self._finish(blended, windows=self._windows, changed=changed)
 
     def _finish(
-        self, prob_grid: torch.Tensor, region: tuple[list[int], list[int]] | None = None
+        self,
+        prob_grid: torch.Tensor,
+        windows: Sequence[Origin] | None = None,
+        changed: set[Origin] | frozenset[Origin] = frozenset(),
     ) -> torch.Tensor:
-        """Threshold the map on the original grid; ``region``: the only nonzero grid box.
+        """Threshold the map on the original grid; ``windows``: the only nonzero part.
 
-        With a region only that box is resampled (a further click costs its windows,
-        not the whole volume); without, the whole map goes through ``Invertd``.
+        With windows, they are grouped (:meth:`WindowPredictor.clusters`) and only the boxes
+        of groups with a ``changed`` window are resampled and rewritten in the kept mask
+        tensor (a further click costs the windows it changes, not the whole volume, nor
+        the history); without, the whole map goes through ``Invertd``.
         """
         self.prob_grid = prob_grid
-        if region is None:
+        if windows is None:
             prob = invert_to_original(prob_grid, self.grid_image, self.transform)
             self.mask = prob > self.threshold
+            self._mask_buffer, self._mask_groups = None, {}  # the next click starts afresh
+            self.mask_box = ((0, 0, 0), self.original_shape)
             return self.mask
-        crop, lo, hi = invert_region_to_original(
-            prob_grid,
-            self.grid_image.affine,
-            self.original_affine,
-            self.original_shape,
-            *region,
-        )
-        mask = torch.zeros(self.original_shape, dtype=torch.bool, device=prob_grid.device)
-        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = crop > self.threshold
-        self.mask = mask
+        mask = self._mask_buffer
+        if mask is None or mask.device != prob_grid.device:
+            mask = torch.zeros(self.original_shape, dtype=torch.bool, device=prob_grid.device)
+            self._mask_groups = {}
+        groups = [frozenset(g) for g in self.predictor.clusters(windows)]
+        clean = {g for g in groups if g in self._mask_groups and g.isdisjoint(changed)}
+        stale = [box for g, box in self._mask_groups.items() if g not in clean]
+        for lo, hi in stale:  # what the last mask set there, not the whole volume
+            mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = False
+        boxes = {g: self._mask_groups[g] for g in clean}
+        for g in groups:
+            if g in clean and not any(_meets(boxes[g], box) for box in stale):
+                continue
+            crop, lo, hi = invert_region_to_original(
+                prob_grid,
+                self.grid_image.affine,
+                self.original_affine,
+                self.original_shape,
+                *self.predictor.windows_box(list(g)),
+            )
+            # groups lie >= 3 grid voxels apart: where their boxes overlap, at most one is
+            # above 0, so OR-ing them equals thresholding the whole map
+            mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= crop > self.threshold
+            boxes[g] = (lo, hi)
+        self._mask_groups = boxes
+        self._mask_buffer = self.mask = mask
+        if boxes:
+            self.mask_box = (
+                tuple(min(b[0][a] for b in boxes.values()) for a in range(3)),
+                tuple(max(b[1][a] for b in boxes.values()) for a in range(3)),
+            )
+        else:
+            self.mask_box = ((0, 0, 0), (0, 0, 0))
         return self.mask
 
     # -- automatic mode -----------------------------------------------------------

@@ -183,6 +183,8 @@ class WindowPredictor:
             default 1 mm.
 
     ``encode_calls`` counts encoder runs; ``cache`` maps window origins to features.
+    ``blended`` is the persistent stitched map ``H x W x D`` kept by :meth:`blend` (allocated
+    on its first call), so that a further click rewrites only its windows' boxes.
     """
 
     def __init__(
@@ -209,6 +211,11 @@ class WindowPredictor:
         self.importance = compute_importance_map(
             self.roi, mode="gaussian", sigma_scale=0.125, device=self.device
         )
+        self.blended: torch.Tensor | None = None
+        self._blended_probs: dict[Origin, torch.Tensor] = {}
+        # the last prompts and probability of every decoded window: a window whose prompts
+        # did not change is not decoded again (a click costs the windows it changes)
+        self.decoded: dict[Origin, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -299,7 +306,22 @@ class WindowPredictor:
             if extra:
                 pts = torch.cat([pts, torch.tensor(extra, dtype=torch.float32)])
                 lab = torch.cat([lab, torch.ones(len(extra), dtype=torch.long)])
-            prob = self.decode(origin, pts, lab, previous)
+            last = self.decoded.get(origin)
+            # a mask-prompted decode depends on the previous prediction too: never reused
+            prompted = previous is not None and self.takes_mask_prompt
+            if (
+                not prompted
+                and last is not None
+                and torch.equal(last[0], pts)
+                and torch.equal(last[1], lab)
+            ):
+                prob = last[2]
+            else:
+                prob = self.decode(origin, pts, lab, previous)
+                if prompted:
+                    self.decoded.pop(origin, None)
+                else:
+                    self.decoded[origin] = (pts, lab, prob)
             probs[origin] = prob
             if not g.enabled:
                 continue
@@ -330,31 +352,116 @@ class WindowPredictor:
                     queue.append((new_origin, [point], root))
         return probs
 
-    def stitch(self, probs: dict[Origin, torch.Tensor]) -> torch.Tensor:
-        """Blend window probabilities into the whole grid ``H x W x D`` with Gaussian weights.
-
-        Voxels that no window covers are 0.
-        """
+    def _box(self, origin: Origin) -> tuple[list[int], list[int]]:
+        """The part of the window at ``origin`` inside the grid, as half-open ``lo, hi``."""
         shape = self.shape
-        out = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        if not probs:
-            return out
-        lo = [max(0, min(o[a] for o in probs)) for a in range(3)]
-        hi = [min(shape[a], max(o[a] + self.roi[a] for o in probs)) for a in range(3)]
+        lo = [max(0, origin[a]) for a in range(3)]
+        hi = [min(shape[a], origin[a] + self.roi[a]) for a in range(3)]
+        return lo, hi
+
+    def _blend_box(
+        self, probs: dict[Origin, torch.Tensor], lo: Sequence[int], hi: Sequence[int]
+    ) -> torch.Tensor:
+        """The blended map on the grid box ``lo:hi`` (``num / den`` of every window meeting it).
+
+        Windows are summed in the order of their origins, so every voxel sees the same
+        floating point operations in the same order whatever box it is computed in and
+        whatever order the windows were decoded in: :meth:`stitch` and :meth:`blend` agree
+        exactly.
+        """
         size = [h - lq for h, lq in zip(hi, lo)]
         num = torch.zeros(size, dtype=torch.float32, device=self.device)
         den = torch.zeros(size, dtype=torch.float32, device=self.device)
-        for origin, prob in probs.items():
+        for origin in sorted(probs):
+            prob = probs[origin]
             dst, src = [], []
             for a in range(3):
                 a0, a1 = max(origin[a], lo[a]), min(origin[a] + self.roi[a], hi[a])
+                if a1 <= a0:
+                    break
                 dst.append(slice(a0 - lo[a], a1 - lo[a]))
                 src.append(slice(a0 - origin[a], a1 - origin[a]))
-            w = self.importance[src[0], src[1], src[2]]
-            num[dst[0], dst[1], dst[2]] += w * prob[src[0], src[1], src[2]]
-            den[dst[0], dst[1], dst[2]] += w
-        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = num / den.clamp_min(1e-12)
+            else:
+                w = self.importance[src[0], src[1], src[2]]
+                num[dst[0], dst[1], dst[2]] += w * prob[src[0], src[1], src[2]]
+                den[dst[0], dst[1], dst[2]] += w
+        return num / den.clamp_min(1e-12)
+
+    def windows_box(self, origins: Sequence[Origin]) -> tuple[list[int], list[int]]:
+        """Bounding box (grid voxels, half-open, clipped to the grid) of the windows ``origins``.
+
+        ``([0, 0, 0], [0, 0, 0])`` for no window.
+        """
+        if not origins:
+            return [0, 0, 0], [0, 0, 0]
+        shape = self.shape
+        lo = [max(0, min(o[a] for o in origins)) for a in range(3)]
+        hi = [min(shape[a], max(o[a] + self.roi[a] for o in origins)) for a in range(3)]
+        return lo, hi
+
+    def stitch(self, probs: dict[Origin, torch.Tensor]) -> torch.Tensor:
+        """Blend window probabilities into a new whole grid ``H x W x D`` with Gaussian weights.
+
+        Voxels that no window covers are 0. This allocates and fills the whole grid: the
+        one-shot path; an open session uses :meth:`blend`, which equals it exactly.
+        """
+        out = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        if not probs:
+            return out
+        lo, hi = self.windows_box(list(probs))
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = self._blend_box(probs, lo, hi)
         return out
+
+    def blend(self, probs: dict[Origin, torch.Tensor]) -> tuple[torch.Tensor, set[Origin]]:
+        """Make the persistent map :attr:`blended` the stitch of ``probs``, touching only windows.
+
+        Only the boxes of the windows that changed since the last call (added, removed, or
+        with a new probability tensor) are rewritten, each from every window of ``probs``
+        that meets it, so the cost follows the changed windows, not the grid nor the other
+        windows; the result equals :meth:`stitch` of ``probs`` exactly. The map is updated
+        in place: a caller that keeps an earlier state must clone it.
+
+        Returns:
+            ``(blended, changed)``: the map ``H x W x D`` (0 outside the windows) and the
+            origins of the windows whose boxes were rewritten.
+        """
+        if self.blended is None:
+            self.blended = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        old = self._blended_probs
+        changed = {o for o in old if o not in probs}
+        changed |= {o for o, p in probs.items() if old.get(o) is not p}
+        for origin in sorted(changed):
+            lo, hi = self._box(origin)
+            if any(h <= lq for h, lq in zip(hi, lo)):
+                continue
+            box = self._blend_box(probs, lo, hi)
+            self.blended[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = box
+        self._blended_probs = dict(probs)
+        return self.blended, changed
+
+    def clusters(self, origins: Sequence[Origin], gap: int = 3) -> list[list[Origin]]:
+        """Group windows whose grid boxes come closer than ``gap`` voxels (transitively).
+
+        Two groups' maps are then at least ``gap`` voxels apart, so no linear interpolation
+        stencil of the inversion (plus its one voxel of zeros) reaches both: each group's
+        box can be inverted on its own.
+        """
+        groups: list[tuple[list[Origin], list[int], list[int]]] = []
+        for o in sorted(origins):
+            members, (lo, hi) = [o], self._box(o)
+            merged = True
+            while merged:
+                merged = False
+                for g in groups:
+                    if all(lo[a] < g[2][a] + gap and g[1][a] < hi[a] + gap for a in range(3)):
+                        groups.remove(g)
+                        members += g[0]
+                        lo = [min(lo[a], g[1][a]) for a in range(3)]
+                        hi = [max(hi[a], g[2][a]) for a in range(3)]
+                        merged = True
+                        break
+            groups.append((members, lo, hi))
+        return [sorted(g[0]) for g in groups]
 
     def predict(
         self,
