@@ -89,8 +89,14 @@ def test_session_caches_the_embedding_and_feeds_the_previous_mask_back(tmp_path,
         assert len(encoder_runs) == 1 and session.encode_calls == 1
         # the first click: the reference's zero mask; later ones: the previous prediction
         assert prompts[0] is None
-        expected = extract_window(prob_1.half().float()[None], origin, session.predictor.roi)
-        assert torch.equal(prompts[1], expected[None])
+        # the previous probability (half precision) at the window, 0 outside the grid
+        r = session.predictor.roi
+        padded = torch.zeros([n + 2 * w for n, w in zip(prob_1.shape, r)])
+        padded[r[0] : r[0] + prob_1.shape[0], r[1] : r[1] + prob_1.shape[1], r[2] :][
+            :, :, : prob_1.shape[2]
+        ] = prob_1.half().float()
+        expected = padded[tuple(slice(o + w, o + 2 * w) for o, w in zip(origin, r))]
+        assert torch.equal(prompts[1], expected[None, None])
         torch.testing.assert_close(session.undo(), second)  # the same prompt again
         torch.testing.assert_close(session.undo(), first)
         assert len(encoder_runs) == 1
@@ -188,19 +194,23 @@ def test_sam3d_serve_clicks_a_sammed3d_checkpoint(tmp_path, loaded):
     path = tmp_path / "small.nii.gz"
     ph = _phantom(path, seed=3, orientation="RAS", shape=(20, 18, 10))
 
+    session = ClickSession(model, path, meta["dataset"], device="cpu")
+    app = create_app(model, meta, [path], device="cpu")
+    headers = {"Content-Type": "application/json", "X-Sam3d-Token": app.state.token}
+
     def post(url, body):
-        req = urllib.request.Request(url, data=json.dumps(body).encode())
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.read()
 
-    session = ClickSession(model, path, meta["dataset"], device="cpu")
-    app = create_app(model, meta, [path], device="cpu")
     with BackgroundServer(app) as url:
         sid = json.loads(post(url + "/api/open", {"file": "small.nii.gz"}))["session"]
         for point, positive in (([10, 9, 5], True), ([12, 8, 5], False)):
             body = post(url + f"/api/sessions/{sid}/click", {"point": point, "positive": positive})
             header, bits = unpack_message(body)
             expected = session.click(point, positive=positive).numpy()
-            got = decode_mask(header["box"], bits, ph.image_hu.shape)
-            np.testing.assert_array_equal(got, expected)
+            # the message holds the box where the segment changed: equal to the session there
+            b = header["box"]
+            got = decode_mask(b, bits, ph.image_hu.shape)[b[0] : b[3], b[1] : b[4], b[2] : b[5]]
+            np.testing.assert_array_equal(got, expected[b[0] : b[3], b[1] : b[4], b[2] : b[5]])
             assert header["voxels"] == int(expected.sum()) and 0 < expected.sum() < expected.size

@@ -142,3 +142,23 @@ def test_validation_grows_windows_like_the_cli():
         vol, single, points=points, point_labels=labels
     )
     assert len(single.crops) == 1 and int((one[0].argmax(0) == 1).sum()) == 12 * 4 * 4
+
+
+def test_a_previous_prediction_kept_by_its_box_gives_the_whole_grids_windows():
+    """A click state keeps only its windows' box of the stitched map: every window cut from
+    it equals the window cut from the whole grid (zero outside the box), in half precision."""
+    from sam3d.inference.windows import PreviousPrediction, extract_window, previous_window
+
+    g = torch.Generator().manual_seed(0)
+    grid = torch.zeros(20, 18, 16)
+    lo, hi = (3, 5, 2), (15, 14, 11)
+    grid[3:15, 5:14, 2:11] = torch.rand(12, 9, 9, generator=g)
+    kept = PreviousPrediction.of(grid, lo, hi)
+    assert kept.values.dtype == torch.float16 and tuple(kept.values.shape) == (12, 9, 9)
+    roi = (8, 8, 8)
+    for origin in [(0, 0, 0), (10, 8, 6), (12, 10, 8), (-2, 4, 1), (14, 12, 9)]:
+        want = extract_window(grid[None], origin, roi).half().float()
+        got = previous_window(kept, origin, roi)
+        assert got.shape == (1, *roi)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert previous_window(kept, (16, 15, 12), roi).abs().sum() == 0  # no overlap

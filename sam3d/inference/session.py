@@ -37,7 +37,13 @@ from sam3d.inference.grid import (
     save_mask,
     world_to_original,
 )
-from sam3d.inference.windows import Origin, WindowGrowth, WindowPredictor, select_seed_windows
+from sam3d.inference.windows import (
+    Origin,
+    PreviousPrediction,
+    WindowGrowth,
+    WindowPredictor,
+    select_seed_windows,
+)
 
 # Resident memory of an open session (measured in docs/BENCHMARKS.md, "Memory of a session"):
 # per voxel of the original image, the image (float32) and the mask (bool);
@@ -236,9 +242,10 @@ class _State:
     points_vox: list[tuple[float, float, float]]
     labels: list[int]
     seeds: list[Origin]
-    # the stitched grid probability these clicks gave (half precision), the next click's mask
-    # prompt for models that take one (Sam3D with its mask prompt, SAM-Med3D, the click UNet)
-    prob: torch.Tensor | None = None
+    # the stitched probability these clicks gave (its windows' box, half precision): the next
+    # click's mask prompt for models that take one (Sam3D with a mask prompt, SAM-Med3D, the
+    # click UNet)
+    prob: PreviousPrediction | None = None
 
 
 class ClickSession:
@@ -421,7 +428,11 @@ class ClickSession:
         self._windows = list(probs)
         blended, changed = self.predictor.blend(probs)
         # kept for the next click's mask prompt (a copy: the blended map changes in place)
-        self._state.prob = blended.half() if self.predictor.takes_mask_prompt else None
+        self._state.prob = None
+        if self.predictor.takes_mask_prompt:  # its windows' box only, not the whole grid
+            self._state.prob = PreviousPrediction.of(
+                blended, *self.predictor.windows_box(self._windows)
+            )
         return self._finish(blended, windows=self._windows, changed=changed)
 
     def _finish(

@@ -169,6 +169,42 @@ def _propagated_point(
     return [float(best[i]) + sl[i].start + origin[i] for i in range(3)]
 
 
+@dataclass(frozen=True)
+class PreviousPrediction:
+    """A stitched probability kept by its box only: ``values`` (``h x w x d``, any float
+    dtype) at grid voxel ``lo``; zero everywhere else. What a click state keeps for the
+    next click's mask prompt, instead of a whole grid."""
+
+    lo: tuple[int, int, int]
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, grid: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> PreviousPrediction:
+        """The box ``[lo, hi)`` of ``grid`` (``H x W x D``), in half precision (a copy)."""
+        box = grid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        return cls(tuple(int(v) for v in lo), box.to(torch.float16, copy=True))
+
+
+def previous_window(
+    previous: torch.Tensor | PreviousPrediction, origin: Origin, roi: Sequence[int]
+) -> torch.Tensor:
+    """The window ``roi`` at ``origin`` of a previous prediction (0 outside it): ``1 x r0 x
+    r1 x r2`` float32."""
+    if isinstance(previous, torch.Tensor):
+        return extract_window(previous[None].float(), origin, roi)
+    out = torch.zeros((1, *roi), dtype=torch.float32, device=previous.values.device)
+    src, dst = [], []
+    for a in range(3):
+        a0 = max(origin[a], previous.lo[a])
+        a1 = min(origin[a] + roi[a], previous.lo[a] + previous.values.shape[a])
+        if a1 <= a0:
+            return out
+        src.append(slice(a0 - previous.lo[a], a1 - previous.lo[a]))
+        dst.append(slice(a0 - origin[a], a1 - origin[a]))
+    out[0, dst[0], dst[1], dst[2]] = previous.values[src[0], src[1], src[2]].float()
+    return out
+
+
 class WindowPredictor:
     """Run a promptable model over windows of one preprocessed volume.
 
@@ -253,7 +289,8 @@ class WindowPredictor:
     ) -> torch.Tensor:
         """Tumour probability ``r0 x r1 x r2`` of one window for grid-voxel clicks (N x 3, N).
 
-        ``previous``: the last prediction, a probability ``H x W x D`` on the whole grid;
+        ``previous``: the last prediction, a probability ``H x W x D`` on the whole grid or
+        a :class:`PreviousPrediction` (its box only);
         its window goes to the model as the mask prompt when it takes one.
         """
         feats = self.features(origin)
@@ -265,7 +302,7 @@ class WindowPredictor:
             lab = torch.full((1, 1), -1, dtype=torch.long, device=self.device)
         kwargs = {}
         if previous is not None and self.takes_mask_prompt:
-            window = extract_window(previous[None].to(self.device, torch.float32), origin, self.roi)
+            window = previous_window(previous, origin, self.roi).to(self.device, torch.float32)
             kwargs["mask_prompt"] = window[None]
         with torch.inference_mode(), self._autocast():
             logits = self.model.decode(feats, local, lab, **kwargs)
