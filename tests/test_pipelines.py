@@ -133,7 +133,9 @@ def test_bundle_config_chains_equal_the_python_builders(case):
         py_chain = pipelines.train_transforms(
             p, crop_size=32, n_pos=5, n_neg=7, click_training=mode
         )
-        cfg_chain = _config_chain("train#preprocessing", spacing_mm=2.0, click_training=mode)
+        cfg_chain = _config_chain(
+            "train#preprocessing", spacing_mm=2.0, click_training=mode, samples_per_volume=1
+        )
         py_chain.set_random_state(seed=11)
         cfg_chain.set_random_state(seed=11)
         for _ in range(2):
@@ -157,7 +159,7 @@ def test_cached_training_data_does_not_reread_the_nifti_files(case, tmp_path):
     assert parser.get("train#dataset#_target_") == "CacheDataset"
     assert parser.get("validate#dataset#_target_") == "CacheDataset"
     copy = {k: str(shutil.copy(v, tmp_path / f"{k}.nii.gz")) for k, v in case.items()}
-    chain = _config_chain("train#preprocessing", click_training="reference")
+    chain = _config_chain("train#preprocessing", click_training="reference", samples_per_volume=1)
     ds = CacheDataset([copy], transform=chain, progress=False)
     for path in copy.values():
         Path(path).unlink()  # a later epoch must not need the files
