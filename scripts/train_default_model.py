@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     family = args.family or _family_default()
     work = Path(args.work)
     data_dir = work / f"data_{family}_{args.cases}_{args.seed}"
-    run_dir = work / f"run_{args.network}_{family}_{args.click_training}_{args.seed}"
+    run_dir = work / f"run_{args.network}_{family}_{args.click_training}_{args.seed}_e{args.epochs}"
     settings = {
         **RECIPE,
         "learning_rate": args.lr,

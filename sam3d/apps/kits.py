@@ -93,6 +93,19 @@ def _labelled(entries: Any, root: Path) -> list[dict[str, str]]:
     return out
 
 
+def dataset_instance_key(dataset_dir: str | Path) -> str | None:
+    """:func:`instance_key` of an MSD ``dataset.json`` in ``dataset_dir`` (all its labelled
+    entries); None when there is none (yet) or it is another layout."""
+    path = Path(dataset_dir) / "dataset.json"
+    if not path.is_file():
+        return None
+    spec = json.loads(path.read_text())
+    entries = [
+        e for k in SPLITS for e in (spec.get(k) or []) if isinstance(e, dict) and "label" in e
+    ]
+    return instance_key(entries)
+
+
 def instance_key(datalist: list[dict[str, str]]) -> str | None:
     """``"instance"`` when every case of ``datalist`` has an instance map, else None: the
     target is then the clicked instance (touching lesions apart), else the clicked
