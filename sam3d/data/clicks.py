@@ -292,26 +292,35 @@ def error_region_click(
 def deepest_error_click(
     gt: np.ndarray, pred: np.ndarray, spacing: Any = None
 ) -> tuple[np.ndarray, int] | None:
-    """The simulated user's next click: the deepest voxel of the largest error region.
+    """The simulated user's next click: the deepest voxel of the largest error region, the
+    one rule of interactive training (:mod:`sam3d.engine.interactive`) and of evaluation by
+    clicks (:mod:`sam3d.inference.interactive`).
 
-    The error is ``gt xor pred``; its largest 26-connected component (by voxels) is the
-    region a user would correct, and the click goes to its point farthest from the
+    The misses (``gt`` and not ``pred``) and the leaks (``pred`` and not ``gt``) are split
+    into 26-connected components, each kind apart (a click in a region holding both would
+    be ambiguous); the largest by voxels (ties: misses first, then the first component) is
+    the region a user would correct, and the click goes to its point farthest from the
     component's boundary (:func:`interior_point`: the image border counts as boundary,
     ``spacing`` per axis when given, ties to the first point in C order). Positive (1) in a
-    miss (inside ``gt``), negative (0) in a leak. None when the prediction is exact.
-    ``gt``, ``pred``: bool ``spatial`` of the same shape; returns (int64 ``d``, label).
+    miss, negative (0) in a leak. None when the prediction is exact. ``gt``, ``pred``: bool
+    ``spatial`` of the same shape; returns (int64 ``d``, label).
     """
     g, p = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
     if g.shape != p.shape:
         raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
-    error = g ^ p
-    if not error.any():
+    structure = np.ones((3,) * g.ndim, dtype=bool)
+    best: tuple[int, np.ndarray, int] | None = None
+    for region, label in ((g & ~p, 1), (p & ~g, 0)):
+        if not region.any():
+            continue
+        components, _ = ndimage.label(region, structure=structure)
+        sizes = np.bincount(components.ravel())[1:]
+        k = int(np.argmax(sizes))
+        if best is None or sizes[k] > best[0]:
+            best = (int(sizes[k]), components == k + 1, label)
+    if best is None:
         return None
-    components, n = ndimage.label(error, structure=np.ones((3,) * error.ndim, dtype=bool))
-    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
-    largest = components == 1 + int(np.argmax(sizes))  # ties: the first component
-    point = interior_point(largest, spacing)
-    return point, int(g[tuple(point)])
+    return interior_point(best[1], spacing), best[2]
 
 
 def _structure_channels(label: Any) -> np.ndarray:

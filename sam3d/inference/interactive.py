@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from sam3d.data.clicks import interior_point
+from sam3d.data.clicks import deepest_error_click, interior_point
 from sam3d.errors import Sam3DError
 
 THRESHOLDS = (0.80, 0.85, 0.90)
@@ -135,29 +135,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def next_click(
     target: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float] | None = None
 ) -> tuple[np.ndarray, int] | None:
-    """The simulated user's next click: the deepest voxel (mm) of the largest error
-    component, label 1 in a miss, 0 in a leak; None when ``mask`` equals ``target``.
-
-    Components are 26-connected, of the misses and of the leaks separately; the largest
-    by voxel count (ties: misses first, then the lower component index).
-    """
-    t, m = np.asarray(target, bool), np.asarray(mask, bool)
-    if t.shape != m.shape:
-        raise ValueError(f"target and mask shapes differ: {t.shape} vs {m.shape}")
-    best: tuple[int, np.ndarray, int] | None = None
-    for region, lab in ((t & ~m, 1), (m & ~t, 0)):
-        if not region.any():
-            continue
-        comps, n = ndimage.label(region, structure=_CONN)
-        sizes = np.bincount(comps.ravel())[1:]
-        k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), comps == k + 1, lab)
-    if best is None:
-        return None
-    point = interior_point(best[1], spacing_mm)
-    assert point is not None
-    return point, best[2]
+    """The simulated user's next click (:func:`sam3d.data.clicks.deepest_error_click`, the
+    rule training uses too): the deepest voxel (mm) of the largest error component, label 1
+    in a miss, 0 in a leak; None when ``mask`` equals ``target``."""
+    return deepest_error_click(target, mask, spacing_mm)
 
 
 def run_case(session: Any, case: ClickCase, n_clicks: int = 10) -> CaseResult:
