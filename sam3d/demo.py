@@ -99,10 +99,11 @@ def step_preview(state: DemoState) -> None:
 # grown in validation and segmentation), from random initialisation with every weight
 # trainable, cosine-decayed learning rate. About 1,000 steps of batch 2: some 4 minutes on
 # a quiet 2-core CPU.
-# The recipe the demo's figure (0.840) was measured with: 3DSAM-adapter's random training
-# clicks (no simulated corrections, no mask prompt) and the bundle's earlier, milder
-# augmentation. The interactive recipe, the bundle's default, has not yet been measured to
-# learn within the demo's budget (docs/BENCHMARKS.md, issue 23).
+# The recipe the demo's figures were measured with (0.840 before, 0.827 with the
+# one-resampling augmentation): 3DSAM-adapter's random training clicks (no simulated
+# corrections, no mask prompt) and the bundle's earlier, milder augmentation. The
+# interactive recipe, the bundle's default, has not yet been measured to learn within the
+# demo's budget (docs/BENCHMARKS.md, issue 23).
 DEMO_AUGMENTATION = {
     "zoom_prob": 0.3,
     "zoom_range": (0.9, 1.1),
