@@ -176,6 +176,22 @@ SHRINK: dict[str, str] = {
     "python -m monai.bundle run --config_file bundles/prostate/inference.json": (
         "--grid#n_per_side 3"
     ),
+    # the reference recipes (overlays): the same shrinking, one epoch (SAMUS's is 400)
+    _RUN + "\"['bundles/kits/train.json','bundles/kits/reference.json']\"": (
+        f"{_KITS_TRAIN} --lr_scheduler#total_iters 2"
+    ),
+    _RUN + "\"['bundles/echo/train.json','bundles/echo/reference.json']\"": (
+        f"{_PLANAR} --max_epochs 1"
+    ),
+    _RUN + "\"['bundles/echo/train.json','bundles/echo/evaluate.json',": f"{_PLANAR}",
+    _RUN + "\"['bundles/retina/train.json','bundles/retina/reference.json']\"": (
+        f'{_PLANAR} --phantom_size "[96, 96]" --max_epochs 1'
+    ),
+    _RUN + "\"['bundles/prostate/train.json','bundles/prostate/reference.json']\"": (
+        f"{_PROSTATE} --batch_size 4 --max_epochs 1"
+    ),
+    _RUN + "\"['bundles/prostate/train.json','bundles/prostate/evaluate.json',"
+    "'bundles/prostate/reference.json']\"": f"{_PROSTATE} --grid#n_per_side 3",
 }
 
 
