@@ -76,7 +76,8 @@ def score(args, files: list[str], common: dict[str, Any], root: Path) -> float:
     if args.bundle == "prostate":
         with open(root / "eval" / "metrics_per_site.csv") as f:
             return float(next(r for r in csv.DictReader(f) if r["site"] == "all")["dice_mean"])
-    return float(ev.evaluator.state.metrics["val_dice"])
+    metrics = ev.evaluator.state.metrics  # echo's evaluate names the split (test_*)
+    return float(metrics["test_dice"] if "test_dice" in metrics else metrics["val_dice"])
 
 
 def train_and_score(recipe: str, args, data: Path, root: Path) -> dict[str, Any]:

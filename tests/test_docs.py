@@ -148,6 +148,10 @@ SKIP: dict[str, str] = {
         "DRIVE (a real dataset)"
     ),
     _RUN + "bundles/retina/inference.json --input_dir /data/": "the user's own fundus images",
+    "sam3d segment case.nii.gz --click 32,36,22 --checkpoint sam_med3d_turbo.pth": (
+        "needs SAM-Med3D's published weights, which cannot be downloaded here"
+    ),
+    "bash scripts/gpu_check.sh --sammed3d-checkpoint": "a GPU and SAM-Med3D's weights",
 }
 
 _TINY_CT = "\"{'shape_vox': [40, 40, 32], 'spacing_mm': [1.5, 1.5, 2.0], 'n_lesions': 1}\""

@@ -164,7 +164,7 @@ def test_click_session_feeds_the_previous_mask_back():
     image = MetaTensor(torch.zeros(1, 16, 16, 16), affine=torch.eye(4))
     model = _MaskEcho(16)
     session = ClickSession(model, image, "kits", device="cpu", growth=WindowGrowth(enabled=False))
-    first = session.click((5, 5, 5)).numpy()
+    first = session.click((5, 5, 5)).clone().numpy()  # the session rewrites its mask in place
     assert model.prompts == [None]  # a first click has no previous mask
     second = session.click((11, 11, 11)).numpy()
     prompt = model.prompts[-1]

@@ -136,9 +136,15 @@ class InteractiveClickInferer(Inferer):
         else:
             features = net.encode(inputs)  # its graph serves the last round
         mask = None
+
+        def decode(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # a model without a mask prompt is called without the argument
+            extra = {"mask_prompt": mask} if mask is not None else {}
+            return net.decode(features, points, labels, **extra)
+
         with torch.no_grad():
             for _ in range(rounds - 1):
-                logits = net.decode(features, points, point_labels, mask_prompt=mask)
+                logits = decode(points, point_labels)
                 mask = mask_prompt_from_logits(logits) if use_mask else None
                 click, label = next_clicks(target, logits)
                 points = torch.cat([points, click.to(points.dtype)], dim=1)
@@ -147,4 +153,4 @@ class InteractiveClickInferer(Inferer):
         if ddp:
             kwargs = {"mask_prompt": mask} if mask is not None else {}
             return network(inputs, points, point_labels, **kwargs)
-        return net.decode(features, points, point_labels, mask_prompt=mask)
+        return decode(points, point_labels)
