@@ -159,6 +159,8 @@ SKIP: dict[str, str] = {
     _RUN + "\"['bundles/kits/train.json','bundles/kits/reference.json']\"": _REFERENCE,
     _RUN + "\"['bundles/echo/train.json','bundles/echo/": _REFERENCE,
     _RUN + "\"['bundles/retina/train.json','bundles/retina/reference.json']\"": _REFERENCE,
+    _RUN + "\"['bundles/retina/train.json','bundles/retina/evaluate.json',"
+    "'bundles/retina/reference.json']\"": _REFERENCE,
     _RUN + "\"['bundles/prostate/train.json','bundles/prostate/reference.json']\"": _REFERENCE,
     _RUN + "\"['bundles/prostate/train.json','bundles/prostate/evaluate.json',"
     "'bundles/prostate/reference.json']\"": _REFERENCE,
